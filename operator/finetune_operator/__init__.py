@@ -1,0 +1,1 @@
+"""finetune-operator: reconciles FineTuneJob resources into Ray Train clusters (kopf)."""

@@ -1,0 +1,203 @@
+"""Certificates for the dev control plane, generated with `cryptography`.
+
+A real API server refuses to run without TLS serving certs, a client CA and a service-account signing key;
+generating them in-process (instead of shelling out to openssl/cfssl) keeps the cluster self-contained and
+makes every identity explicit: the admin is `system:masters`, the controller manager authenticates as
+`system:kube-controller-manager`, so bootstrap RBAC applies to it exactly as in a kubeadm cluster.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+_VALIDITY = dt.timedelta(days=365)
+
+
+@dataclass(frozen=True)
+class CertPair:
+    """Paths of a PEM certificate and its private key."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Every file the control plane components and clients need."""
+
+    ca: CertPair
+    apiserver: CertPair
+    admin: CertPair
+    controller_manager: CertPair
+    kubelet_client: CertPair
+    kubelet_serving: CertPair
+    sa_key: Path
+    sa_pub: Path
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+def _name(common_name: str, org: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+def _issue(
+    *,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    subject: x509.Name,
+    out: Path,
+    stem: str,
+    server: bool,
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
+) -> CertPair:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=True,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+    )
+    if dns or ips:
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    pair = CertPair(cert=out / f"{stem}.crt", key=out / f"{stem}.key")
+    pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(pair.key, key)
+    return pair
+
+
+def generate(out: Path, *, extra_ips: tuple[str, ...] = ()) -> Pki:
+    """Create a CA and all leaf certificates under `out` (idempotent: existing material is reused)."""
+    out.mkdir(parents=True, exist_ok=True)
+    pki = Pki(
+        ca=CertPair(out / "ca.crt", out / "ca.key"),
+        apiserver=CertPair(out / "apiserver.crt", out / "apiserver.key"),
+        admin=CertPair(out / "admin.crt", out / "admin.key"),
+        controller_manager=CertPair(out / "kcm.crt", out / "kcm.key"),
+        kubelet_client=CertPair(out / "kubelet-client.crt", out / "kubelet-client.key"),
+        kubelet_serving=CertPair(out / "kubelet.crt", out / "kubelet.key"),
+        sa_key=out / "sa.key",
+        sa_pub=out / "sa.pub",
+    )
+    if pki.sa_pub.exists() and pki.kubelet_serving.key.exists():
+        return pki
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    ca_name = _name("finetune-devcluster-ca")
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=False,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pki.ca.cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(pki.ca.key, ca_key)
+
+    common = {"ca_cert": ca_cert, "ca_key": ca_key, "out": out}
+    _issue(
+        **common,  # type: ignore[arg-type]
+        subject=_name("kube-apiserver"),
+        stem="apiserver",
+        server=True,
+        dns=(
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ),
+        ips=("127.0.0.1", "10.96.0.1", *extra_ips),
+    )
+    _issue(**common, subject=_name("admin", "system:masters"), stem="admin", server=False)  # type: ignore[arg-type]
+    _issue(**common, subject=_name("system:kube-controller-manager"), stem="kcm", server=False)  # type: ignore[arg-type]
+    _issue(
+        **common,  # type: ignore[arg-type]
+        subject=_name("kube-apiserver-kubelet-client", "kubeadm:cluster-admins"),
+        stem="kubelet-client",
+        server=False,
+    )
+    _issue(
+        **common,  # type: ignore[arg-type]
+        subject=_name("devcluster-node"),
+        stem="kubelet",
+        server=True,
+        dns=("localhost",),
+        ips=("127.0.0.1", *extra_ips),
+    )
+    sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    _write_key(pki.sa_key, sa)
+    pki.sa_pub.write_bytes(
+        sa.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return pki
