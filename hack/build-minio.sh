@@ -30,7 +30,7 @@ command -v go >/dev/null || {
 
 mkdir -p "$dest_dir"
 # Two concurrent callers (e.g. build-binaries.sh and a developer) must not race on the same output.
-exec 9>"$dest_dir/.build.lock"
+exec 9>"$dest_dir/../.build.lock"
 if command -v flock >/dev/null; then
   flock 9
   if [[ -x "$dest" ]] && "$dest" --version >/dev/null 2>&1; then
@@ -39,7 +39,7 @@ if command -v flock >/dev/null; then
   fi
 fi
 
-work="$(mktemp -d "$dest_dir/.build.XXXXXX")"
+work="$(mktemp -d "$dest_dir/../.build.XXXXXX")"
 heartbeat_pid=""
 cleanup() {
   [[ -n "$heartbeat_pid" ]] && kill "$heartbeat_pid" 2>/dev/null || true
@@ -49,7 +49,7 @@ trap cleanup EXIT
 
 start=$(date +%s)
 echo "build-minio: building github.com/minio/minio@$MINIO_VERSION with $(go version | awk '{print $3}')"
-echo "build-minio: a cold build downloads ~200 modules and compiles for several minutes on 2 cores"
+echo "build-minio: a cold build downloads ~240 modules and compiles for ~4 minutes on 2 cores"
 # Print a heartbeat so a long, silent compile is visibly alive.
 (
   while sleep 30; do echo "build-minio: still building... $(($(date +%s) - start))s elapsed"; done

@@ -183,9 +183,7 @@ class PrometheusServer:
             if len([t for t in seen if t.health == health]) >= count:
                 return seen
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"job {job!r}: wanted {count} target(s) {health} within {timeout:.0f}s, saw {seen}"
-                )
+                raise TimeoutError(f"job {job!r}: wanted {count} target(s) {health} within {timeout:.0f}s, saw {seen}")
             time.sleep(0.25)
 
     # --- queries -------------------------------------------------------------------------------------
