@@ -9,6 +9,7 @@ makes every identity explicit: the admin is `system:masters`, the controller man
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +99,7 @@ def _issue(
             critical=True,
         )
         .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
     )
@@ -162,9 +161,8 @@ def generate(out: Path, *, extra_ips: tuple[str, ...] = ()) -> Pki:
     pki.ca.cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(pki.ca.key, ca_key)
 
-    common = {"ca_cert": ca_cert, "ca_key": ca_key, "out": out}
-    _issue(
-        **common,  # type: ignore[arg-type]
+    issue = functools.partial(_issue, ca_cert=ca_cert, ca_key=ca_key, out=out)
+    issue(
         subject=_name("kube-apiserver"),
         stem="apiserver",
         server=True,
@@ -177,16 +175,14 @@ def generate(out: Path, *, extra_ips: tuple[str, ...] = ()) -> Pki:
         ),
         ips=("127.0.0.1", "10.96.0.1", *extra_ips),
     )
-    _issue(**common, subject=_name("admin", "system:masters"), stem="admin", server=False)  # type: ignore[arg-type]
-    _issue(**common, subject=_name("system:kube-controller-manager"), stem="kcm", server=False)  # type: ignore[arg-type]
-    _issue(
-        **common,  # type: ignore[arg-type]
+    issue(subject=_name("admin", "system:masters"), stem="admin", server=False)
+    issue(subject=_name("system:kube-controller-manager"), stem="kcm", server=False)
+    issue(
         subject=_name("kube-apiserver-kubelet-client", "kubeadm:cluster-admins"),
         stem="kubelet-client",
         server=False,
     )
-    _issue(
-        **common,  # type: ignore[arg-type]
+    issue(
         subject=_name("devcluster-node"),
         stem="kubelet",
         server=True,
@@ -196,8 +192,6 @@ def generate(out: Path, *, extra_ips: tuple[str, ...] = ()) -> Pki:
     sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     _write_key(pki.sa_key, sa)
     pki.sa_pub.write_bytes(
-        sa.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        sa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     return pki

@@ -1,0 +1,208 @@
+"""The control plane is real: CRD validation with CEL, garbage collection, RBAC, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from kubernetes import client as k8s
+
+from tests.devcluster import network
+from tests.devcluster.binaries import REPO_ROOT, locate
+from tests.devcluster.cluster import DevCluster
+from tests.devcluster.controlplane import api_client
+from tests.devcluster.kube import call_json
+from tests.devcluster.testing import get_pod, pod_manifest, wait_for, wait_phase
+
+pytestmark = pytest.mark.cluster
+
+CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "widgets.devcluster.test"},
+    "spec": {
+        "group": "devcluster.test",
+        "scope": "Namespaced",
+        "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {
+                                "type": "object",
+                                "properties": {"min": {"type": "integer"}, "max": {"type": "integer"}},
+                                "x-kubernetes-validations": [
+                                    {"rule": "self.min <= self.max", "message": "min must not exceed max"}
+                                ],
+                            }
+                        },
+                    }
+                },
+            }
+        ],
+    },
+}
+
+
+CRD_NAME = "widgets.devcluster.test"
+
+
+def test_crd_with_cel_rule_rejects_invalid_object(cluster: DevCluster, namespace: str) -> None:
+    with cluster.api() as api:
+        ext = k8s.ApiextensionsV1Api(api)
+        try:
+            call_json(ext.create_custom_resource_definition, CRD)
+        except k8s.ApiException as e:
+            assert e.status == 409, e.body
+        wait_for(
+            lambda: any(
+                c.get("type") == "Established" and c.get("status") == "True"
+                for c in (call_json(ext.read_custom_resource_definition, CRD_NAME).get("status") or {}).get(
+                    "conditions"
+                )
+                or []
+            ),
+            timeout=30,
+            what="CRD Established",
+        )
+        objs = k8s.CustomObjectsApi(api)
+
+        def create(name: str, lo: int, hi: int) -> dict[str, object]:
+            body = {
+                "apiVersion": "devcluster.test/v1",
+                "kind": "Widget",
+                "metadata": {"name": name},
+                "spec": {"min": lo, "max": hi},
+            }
+            return call_json(objs.create_namespaced_custom_object, "devcluster.test", "v1", namespace, "widgets", body)
+
+        def create_ok() -> dict[str, object] | None:
+            try:
+                return create("good", 1, 2)
+            except k8s.ApiException as e:  # the new resource may take a moment to be served
+                if e.status == 404:
+                    return None
+                raise
+
+        assert wait_for(create_ok, timeout=30, what="valid Widget accepted")["spec"] == {"min": 1, "max": 2}
+        with pytest.raises(k8s.ApiException) as err:
+            create("bad", 5, 2)
+        assert err.value.status == 422
+        assert "min must not exceed max" in str(err.value.body)
+
+
+def test_garbage_collector_deletes_owned_objects(cluster: DevCluster, namespace: str) -> None:
+    with cluster.api() as api:
+        core = k8s.CoreV1Api(api)
+        owner = call_json(
+            core.create_namespaced_config_map, namespace, {"metadata": {"name": "owner"}, "data": {"a": "b"}}
+        )
+        ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}
+        call_json(
+            core.create_namespaced_config_map, namespace, {"metadata": {"name": "owned", "ownerReferences": [ref]}}
+        )
+        pod = pod_manifest("owned-pod", ["sleep", "300"])
+        pod["metadata"]["ownerReferences"] = [ref]
+        call_json(core.create_namespaced_pod, namespace, pod)
+        wait_phase(api, namespace, "owned-pod", ("Running",))
+        core.delete_namespaced_config_map("owner", namespace, _preload_content=False)
+
+        def gone() -> bool:
+            try:
+                core.read_namespaced_config_map("owned", namespace, _preload_content=False)
+                return False
+            except k8s.ApiException as e:
+                return bool(e.status == 404)
+
+        wait_for(gone, timeout=60, what="owned ConfigMap garbage-collected")
+        # The pod is deleted by the GC, stopped by the node (SIGTERM) and then removed for good.
+        wait_for(lambda: get_pod(api, namespace, "owned-pod") is None, timeout=60, what="owned Pod removed")
+
+
+def test_serviceaccount_kubeconfig_has_exactly_its_rbac(cluster: DevCluster, namespace: str) -> None:
+    with cluster.api() as api:
+        core = k8s.CoreV1Api(api)
+        rbac = k8s.RbacAuthorizationV1Api(api)
+        call_json(core.create_namespaced_service_account, namespace, {"metadata": {"name": "reader"}})
+        call_json(
+            rbac.create_namespaced_role,
+            namespace,
+            {
+                "metadata": {"name": "cm-reader"},
+                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}],
+            },
+        )
+        call_json(
+            rbac.create_namespaced_role_binding,
+            namespace,
+            {
+                "metadata": {"name": "reader"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm-reader"},
+                "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+            },
+        )
+        call_json(core.create_namespaced_config_map, namespace, {"metadata": {"name": "visible"}})
+    kubeconfig = cluster.mint_kubeconfig(namespace, "reader")
+    with api_client(kubeconfig) as sa_api:
+        sa_core = k8s.CoreV1Api(sa_api)
+        names = [i["metadata"]["name"] for i in call_json(sa_core.list_namespaced_config_map, namespace)["items"]]
+        assert "visible" in names
+        with pytest.raises(k8s.ApiException) as err:
+            call_json(sa_core.create_namespaced_config_map, namespace, {"metadata": {"name": "nope"}})
+        assert err.value.status == 403
+        with pytest.raises(k8s.ApiException) as err:
+            call_json(sa_core.list_namespaced_secret, namespace)
+        assert err.value.status == 403
+    who = cluster.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", kubeconfig=kubeconfig)
+    assert who.stdout == f"system:serviceaccount:{namespace}:reader"
+    denied = cluster.kubectl("get", "pods", "-n", namespace, kubeconfig=kubeconfig, check=False)
+    assert denied.returncode != 0 and "forbidden" in denied.stderr
+
+
+@pytest.mark.node
+def test_down_leaves_no_process_behind(tmp_path: Path) -> None:
+    """`python -m tests.devcluster up` then `down` (separate processes): nothing of that cluster survives."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    state = tmp_path / "c"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    cli = [sys.executable, "-m", "tests.devcluster"]
+    subprocess.run(
+        [*cli, "up", "--state-dir", str(state)], check=True, cwd=REPO_ROOT, env=env, timeout=180, capture_output=True
+    )
+    info = json.loads((state / "cluster.json").read_text())
+    net = network.NetConfig(int(info["net_index"]))
+    kubectl = [str(locate().kubectl), f"--kubeconfig={info['kubeconfig']}"]
+    subprocess.run(
+        [*kubectl, "run", "sleeper", "--image=x", "--restart=Never", "--command", "--", "sleep", "600"],
+        check=True,
+        capture_output=True,
+    )
+    pidfiles = state / "node" / "pids"
+    wait_for(lambda: list(pidfiles.glob("*-sleeper.pid")), timeout=30, what="pod process started")
+    pod_pids = [json.loads(p.read_text())["pid"] for p in pidfiles.glob("*.pid")]
+    assert pod_pids and all(psutil.pid_exists(p) for p in pod_pids)
+    assert any(ns.startswith(net.netns_prefix) for ns in network.ip("netns", "list").stdout.split())
+
+    subprocess.run(
+        [*cli, "down", "--state-dir", str(state)], check=True, cwd=REPO_ROOT, env=env, timeout=120, capture_output=True
+    )
+
+    leftovers = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["status"] != psutil.STATUS_ZOMBIE and (str(state) in cmd or p.info["pid"] in pod_pids):
+            leftovers.append(f"{p.info['pid']}: {cmd[:120]}")
+    assert leftovers == []
+    assert not [ns for ns in network.ip("netns", "list").stdout.split() if ns.startswith(net.netns_prefix)]
+    assert not network.bridge_exists(net.bridge)
