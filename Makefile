@@ -13,7 +13,8 @@ export HF_HOME ?= $(FT_CACHE)/hf
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: help venv lock run test test-unit lint typecheck crds binaries cluster-up cluster-down bench clean
+.PHONY: help venv lock run test test-unit lint crds chart-crds api-docs binaries cluster-up cluster-down bench clean \
+	images kind-up kind-load kind-demo kind-down
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -34,8 +35,8 @@ run: venv ## fine-tune examples/quickstart.yaml locally (no cluster) and print S
 	$(VENV)/bin/finetune run examples/quickstart.yaml
 
 lint: venv ## ruff + mypy --strict + import contracts
-	$(VENV)/bin/ruff check operator trainer tests bench
-	$(VENV)/bin/ruff format --check operator trainer tests bench
+	$(VENV)/bin/ruff check operator trainer tests bench hack
+	$(VENV)/bin/ruff format --check operator trainer tests bench hack
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -56,6 +57,30 @@ cluster-down: ## stop everything cluster-up started; leaves no process behind
 
 bench: venv ## print benchmark figures (see bench/)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+crds: venv ## regenerate crds/ from the typed spec and copy it into the Helm chart
+	$(VENV)/bin/finetune crd > crds/finetune.dev_finetunejobs.yaml
+	cp crds/finetune.dev_finetunejobs.yaml charts/finetune-operator/files/crds/finetune.dev_finetunejobs.yaml
+
+chart-crds: crds ## alias: the chart installs AND upgrades the CRD from files/crds/
+
+api-docs: venv ## regenerate docs/api-reference.md from the spec models
+	$(PY) hack/gen_api_docs.py
+
+images: ## build operator + trainer (cpu, cuda) images; needs a Docker engine (CI has none: exits 3 with a message)
+	bash hack/images.sh
+
+kind-up: ## kind cluster from kind-config.yaml (1 control plane + 2 CPU workers); needs Docker + kind
+	bash hack/kind-demo.sh up
+
+kind-load: ## load the operator and CPU trainer images into kind (after make images)
+	bash hack/kind-demo.sh load
+
+kind-demo: venv ## MinIO, chart, SST-2 subset, quick-start job; waits for Succeeded; lists artifacts
+	bash hack/kind-demo.sh demo
+
+kind-down: ## delete the kind cluster
+	bash hack/kind-demo.sh down
 
 clean: ## remove local runs and caches of this checkout (not the shared build cache)
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
