@@ -32,6 +32,7 @@ lock: ## re-pin every dependency into requirements.lock
 	uv pip compile -q -p $(PYTHON_BOOT) pyproject.toml --extra trainer --extra operator --extra dev -o requirements.lock
 
 run: venv ## fine-tune examples/quickstart.yaml locally (no cluster) and print SST-2 dev accuracy
+	$(PY) -m finetune_trainer.hfcache seed
 	$(VENV)/bin/finetune run examples/quickstart.yaml
 
 lint: venv ## ruff + mypy --strict + import contracts

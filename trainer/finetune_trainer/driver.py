@@ -1,0 +1,214 @@
+"""The Ray Train driver: pre-flight checks, TorchTrainer from the spec, progress polling, manifest last.
+
+Why a driver separate from the workers: the driver is the one long-lived process of a job (the head pod's container
+on a cluster, the `finetune run` process locally). It fails fast on bad data or a missing model before any worker
+starts, waits (bounded) for the Ray cluster to have room for the workers, serves Prometheus metrics, turns worker
+failures into the contract's reasons, and writes manifest.json only after Ray Train reports success. Checkpoints go
+to <output>/checkpoints/<run name>; Ray Train V2 restores its checkpoint manager from there, so a relaunch with the
+same run name continues from the latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from finetune_trainer import artifacts, data, sources, storage
+from finetune_trainer.contract import CHECKPOINTS_DIR, TrainerPhase
+from finetune_trainer.errors import InterruptedRunError, StorageError, TrainerError, TrainingError, classify_failure
+from finetune_trainer.metrics import TrainerMetrics
+from finetune_trainer.progress import ProgressBoard
+from finetune_trainer.spec import FineTuneJobSpec
+from finetune_trainer.train_loop import train_func
+
+log = logging.getLogger(__name__)
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run one job (everything the spec does not say)."""
+
+    run_name: str
+    output_uri: str
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: int
+    attempt: int = 1
+    base_dir: Path | None = None
+    max_failures: int = 3
+    resource_wait_seconds: float = 600.0
+    metrics: TrainerMetrics | None = None
+    on_progress: ProgressCallback | None = None
+    poll_seconds: float = 1.0
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    output_uri: str
+    summary: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def preflight(spec: FineTuneJobSpec, *, output_uri: str, base_dir: Path | None) -> data.PreparedData:
+    """Fail fast (before Ray starts workers): data readable and valid, model present, output writable."""
+    prepared = data.prepare(spec, base_dir=base_dir)
+    sources.check_model(spec.model, storage_spec=spec.storage, base_dir=base_dir)
+    output = storage.resolve(output_uri, storage=spec.storage, base_dir=base_dir)
+    probe = output.child(".write-probe")
+    storage.write_bytes(probe, b"ok")
+    try:
+        probe.fs.delete_file(probe.path)
+    except OSError as e:
+        raise StorageError(f"cannot delete {probe.uri}: {e}") from e
+    return prepared
+
+
+def wait_for_resources(*, workers: int, cpus: float, gpus: int, timeout: float) -> None:
+    """Block until the Ray cluster has CPUs/GPUs for every worker (worker pods join over time)."""
+    need_cpu, need_gpu = workers * cpus, workers * gpus
+    deadline = time.monotonic() + timeout
+    next_log = 0.0
+    while True:
+        have = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        cpu, gpu = float(have.get("CPU", 0.0)), float(have.get("GPU", 0.0))
+        if cpu >= need_cpu and gpu >= need_gpu:
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            raise TrainingError(
+                f"the Ray cluster has {cpu:g} CPU / {gpu:g} GPU after {timeout:.0f}s but {workers} worker(s) need "
+                f"{need_cpu:g} CPU / {need_gpu:g} GPU; check that the worker pods are running and joined the head"
+            )
+        if now >= next_log:
+            log.warning(
+                "waiting for %d worker(s): cluster has %g/%g CPU, %g/%g GPU (giving up in %.0fs)",
+                workers,
+                cpu,
+                need_cpu,
+                gpu,
+                need_gpu,
+                deadline - now,
+            )
+            next_log = now + 10
+        time.sleep(1.0)
+
+
+class _Poller:
+    """Copies the ProgressBoard into the metrics and the progress callback about once a second."""
+
+    def __init__(self, board: Any, options: RunOptions) -> None:
+        self.board, self.options = board, options
+        self.stop = threading.Event()
+        self.last: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._run, name="finetune-progress", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.options.poll_seconds):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            snap: dict[str, Any] = ray.get(self.board.snapshot.remote(), timeout=10)
+        except Exception:  # the board is best effort; training goes on without it
+            return
+        self.last = snap
+        if self.options.metrics is not None:
+            self.options.metrics.update(snap)
+            if snap.get("strategy") and snap.get("task"):
+                self.options.metrics.set_info(strategy=str(snap["strategy"]), task=str(snap["task"]))
+        if self.options.on_progress is not None:
+            self.options.on_progress(snap)
+
+
+def checkpoint_storage(output: storage.Location) -> tuple[str, Any]:
+    """Ray Train's storage_path and storage_filesystem for <output>/checkpoints."""
+    ckpt = output.child(CHECKPOINTS_DIR)
+    if output.is_s3:
+        return ckpt.path, ckpt.fs
+    Path(ckpt.path).mkdir(parents=True, exist_ok=True)
+    return ckpt.path, None
+
+
+def run_training(spec: FineTuneJobSpec, *, options: RunOptions) -> RunResult:
+    """Run the job on the connected Ray cluster; returns once manifest.json is written."""
+    metrics = options.metrics
+    if metrics is not None:
+        metrics.set_phase(TrainerPhase.LOADING)
+    output = storage.resolve(options.output_uri, storage=spec.storage, base_dir=options.base_dir)
+    wait_for_resources(
+        workers=options.workers,
+        cpus=options.cpus_per_worker,
+        gpus=options.gpus_per_worker,
+        timeout=options.resource_wait_seconds,
+    )
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    storage_path, storage_fs = checkpoint_storage(output)
+    resources: dict[str, float] = {"CPU": options.cpus_per_worker}
+    if options.gpus_per_worker:
+        resources["GPU"] = float(options.gpus_per_worker)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "spec": spec.wire(),
+            "board": board,
+            "output_uri": output.uri,
+            "run_name": options.run_name,
+            "base_dir": str(options.base_dir) if options.base_dir else None,
+            "threads": max(1, int(options.cpus_per_worker)),
+            "attempt": options.attempt,
+            **options.extra_config,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=options.workers, use_gpu=options.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=options.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        ),
+    )
+    poller = _Poller(board, options)
+    poller.thread.start()
+    try:
+        result = trainer.fit()
+    except TrainerError:
+        raise
+    except SystemExit as e:  # Ray Train's own SIGINT handler aborts the run and may call sys.exit(0)
+        raise InterruptedRunError("training was aborted (SIGINT); relaunch with the same run name to resume") from e
+    except Exception as e:
+        raise classify_failure(e) from e
+    finally:
+        poller.stop.set()
+        poller.thread.join(timeout=5)
+        poller.poll()
+    if result.error is not None:
+        raise classify_failure(result.error) from result.error
+    final: dict[str, Any] = dict(result.metrics or {})
+    if not final.get("done"):
+        # fit() returns without an error and without the final report only when the run was aborted.
+        raise InterruptedRunError(
+            f"training was aborted at step {final.get('step', 0)}; relaunch with the same run name to resume"
+        )
+    if metrics is not None:
+        metrics.set_phase(TrainerPhase.SAVING)
+    manifest = artifacts.write_manifest(
+        output,
+        files=list(final["files"]),
+        run={"name": options.run_name, "attempt": options.attempt, "steps": final["step"], "final": final["final"]},
+    )
+    if metrics is not None:
+        metrics.set_phase(TrainerPhase.SUCCEEDED)
+    return RunResult(output_uri=output.uri, summary=dict(final["summary"]), manifest=manifest)

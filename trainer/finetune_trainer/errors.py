@@ -1,0 +1,98 @@
+"""Domain errors of the trainer, each carrying the contract Reason / ExitCode the operator surfaces.
+
+Why typed errors: the operator turns the trainer's exit code and last stderr line into the job's Failed condition,
+so "the data file has no column `label`" must reach it as InvalidDataset, not as a Python traceback. Library code
+raises these (converting third-party exceptions at the boundary with `raise X(...) from e`); the entry points
+(cli.py) are the only place that turns them into exit codes. They pickle cleanly, so an error raised inside a Ray
+Train worker arrives at the driver with its reason intact.
+"""
+
+from __future__ import annotations
+
+from finetune_trainer.contract import EXIT_CODE_BY_REASON, ExitCode, Reason
+
+
+class TrainerError(Exception):
+    """Base class: a failure with a reason the operator understands."""
+
+    reason: Reason = Reason.TRAINING_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[TrainerError], tuple[str]]:
+        return (type(self), (self.message,))
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return EXIT_CODE_BY_REASON[self.reason]
+
+
+class InvalidSpecError(TrainerError):
+    """The FineTuneJob cannot be run as written (a field is wrong or inconsistent with the model/data)."""
+
+    reason = Reason.INVALID_SPEC
+
+
+class InvalidDatasetError(TrainerError):
+    """A data file is missing, unreadable, empty, or lacks a column / has an unknown label."""
+
+    reason = Reason.INVALID_DATASET
+
+
+class ModelNotFoundError(TrainerError):
+    """The pretrained model (or its tokenizer) cannot be found or loaded from its URI."""
+
+    reason = Reason.MODEL_NOT_FOUND
+
+
+class StorageError(TrainerError):
+    """Object storage or the output location cannot be reached, read or written."""
+
+    reason = Reason.STORAGE_ERROR
+
+
+class TrainingError(TrainerError):
+    """Training itself failed (diverged, crashed, ran out of retries)."""
+
+    reason = Reason.TRAINING_ERROR
+
+
+class InterruptedRunError(TrainerError):
+    """The run was interrupted (SIGTERM/SIGINT); checkpoints stay and a relaunch resumes."""
+
+    reason = Reason.INTERRUPTED
+
+
+def _find_trainer_error(error: BaseException) -> TrainerError | None:
+    seen: set[int] = set()
+    stack: list[BaseException] = [error]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, TrainerError):
+            return current
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(f for f in failures.values() if isinstance(f, BaseException))
+        for attr in ("controller_failure", "cause", "__cause__", "__context__"):
+            nested = getattr(current, attr, None)
+            if isinstance(nested, BaseException):
+                stack.append(nested)
+    return None
+
+
+def classify_failure(error: BaseException) -> TrainerError:
+    """A Ray Train failure as the domain error a worker raised, else TrainingError with the first error line."""
+    found = _find_trainer_error(error)
+    if found is not None:
+        return found
+    failures = getattr(error, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, first = sorted(failures.items())[0]
+        return TrainingError(f"worker {rank} failed: {type(first).__name__}: {str(first).strip().splitlines()[-1:]}")
+    text = str(error).strip().splitlines()
+    return TrainingError(f"{type(error).__name__}: {text[-1] if text else ''}")
