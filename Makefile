@@ -59,9 +59,10 @@ cluster-down: ## stop everything cluster-up started; leaves no process behind
 bench: venv ## print benchmark figures (see bench/)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-crds: venv ## regenerate crds/ from the typed spec and copy it into the Helm chart
+crds: venv ## regenerate crds/, the chart's CRD copy and deploy/rbac.yaml from the typed models
 	$(VENV)/bin/finetune crd > crds/finetune.dev_finetunejobs.yaml
 	cp crds/finetune.dev_finetunejobs.yaml charts/finetune-operator/files/crds/finetune.dev_finetunejobs.yaml
+	$(PY) -m finetune_operator.rbac > deploy/rbac.yaml
 
 chart-crds: crds ## alias: the chart installs AND upgrades the CRD from files/crds/
 

@@ -83,6 +83,8 @@ def _quantity(value: Any) -> str:
 
 def _float_from_string(value: Any) -> Any:
     # learningRate may be written "2e-5" (YAML reads that as a string) or 2.0e-5: accept both.
+    if isinstance(value, bool):  # pydantic would read true as 1.0
+        raise ValueError("must be a number or a numeric string such as '2e-5', not a boolean")
     if isinstance(value, str):
         try:
             return float(value.strip())

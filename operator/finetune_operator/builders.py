@@ -1,0 +1,449 @@
+"""Pure builders: (typed spec, settings, job identity) -> the manifests of a job's children.
+
+Why pure: every child object is a deterministic function of its inputs, so the manifests are tested table-driven
+without a cluster, `finetune render` prints exactly what the operator would create, and the I/O layer only has
+to apply them idempotently (a 409 on create means "already there"). This module never imports a Kubernetes
+client (an import-linter contract enforces it); manifests are plain dicts in wire form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import yaml
+from finetune_trainer import contract
+from finetune_trainer import spec as ftspec
+
+from finetune_operator import names
+from finetune_operator.settings import Settings
+
+Manifest = dict[str, Any]
+
+RAY_GCS_PORT = 6379
+RAY_CLIENT_PORT = 10001
+RAY_DASHBOARD_PORT = 8265
+RAY_NODE_MANAGER_PORT = 6380  # fixed on workers so a cheap TCP readiness probe can check the raylet
+METRICS_PORT = contract.DEFAULT_METRICS_PORT
+CONFIG_DIR = "/etc/finetune"
+CONFIG_FILE = "job.yaml"
+RAY_TMP_DIR = "/tmp/ray"
+PVC_ROOT = "/mnt/pvc"  # the trainer maps pvc://claim/path to <PVC_ROOT>/claim/path (finetune_trainer.storage)
+SHM_FRACTION = 0.3  # Ray's object store defaults to 30% of memory and lives in /dev/shm
+OBJECT_STORE_MIN = 80 * 2**20  # Ray refuses less than 75 MiB
+RUN_AS_USER = 1000
+GPU_RESOURCE = "nvidia.com/gpu"
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """Every child of one attempt, in creation order (config and network first, pods last)."""
+
+    config_map: Manifest
+    network_policy: Manifest
+    service: Manifest
+    head: Manifest
+    workers: tuple[Manifest, ...]
+
+    def all(self) -> list[Manifest]:
+        return [self.config_map, self.network_policy, self.service, self.head, *self.workers]
+
+
+def resolve_spec(
+    spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity
+) -> ftspec.FineTuneJobSpec:
+    """Fill the operator's defaults (output, storage) into the spec; SpecError if a required default is missing.
+
+    The result is what the trainer runs, so it is written into the ConfigMap: one resolved source of truth.
+    """
+    output = spec.output.uri
+    if output is None:
+        if not settings.output_base_uri:
+            raise ftspec.SpecError(
+                [
+                    (
+                        "spec.output.uri",
+                        "required: the operator has no default output base (set spec.output.uri, or "
+                        "FINETUNE_OUTPUT_BASE_URI / the chart's defaults.outputBaseUri)",
+                    )
+                ]
+            )
+        output = f"{settings.output_base_uri.rstrip('/')}/{ident.namespace}/{ident.name}/"
+    storage = spec.storage.model_copy(
+        update={
+            "endpoint": spec.storage.endpoint or settings.storage_endpoint,
+            "region": spec.storage.region
+            if "region" in spec.storage.model_fields_set or not settings.storage_region
+            else settings.storage_region,
+            "credentials_secret": spec.storage.credentials_secret or settings.storage_credentials_secret,
+        }
+    )
+    resolved = spec.model_copy(update={"output": ftspec.OutputSpec(uri=output), "storage": storage})
+    # Round-trip through validation so a bad operator default is reported like a bad field.
+    return ftspec.parse_spec(resolved.wire())
+
+
+def owner_reference(ident: names.JobIdentity) -> Manifest:
+    return {
+        "apiVersion": names.API_VERSION,
+        "kind": names.KIND,
+        "name": ident.name,
+        "uid": ident.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(name: str, *, ident: names.JobIdentity, labels: dict[str, str]) -> Manifest:
+    return {
+        "name": name,
+        "namespace": ident.namespace,
+        "labels": labels,
+        "annotations": {names.ANNOTATION_RUN_NAME: ident.run_name},
+        "ownerReferences": [owner_reference(ident)],
+    }
+
+
+def build_config_map(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity) -> Manifest:
+    """The resolved FineTuneJob manifest the trainer reads from /etc/finetune/job.yaml (no secrets in it)."""
+    document = {
+        "apiVersion": names.API_VERSION,
+        "kind": names.KIND,
+        "metadata": {"name": ident.name, "namespace": ident.namespace},
+        "spec": spec.wire(),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(names.config_map_name(ident.name), ident=ident, labels=names.job_labels(ident.name)),
+        "data": {CONFIG_FILE: yaml.safe_dump(document, sort_keys=False)},
+    }
+
+
+def build_service(ident: names.JobIdentity) -> Manifest:
+    """Headless Service giving the head pod of this attempt a stable DNS name for the workers.
+
+    publishNotReadyAddresses: workers must reach the GCS before the head reports Ready.
+    """
+    selector = names.pod_labels(ident, role=names.ROLE_HEAD)
+    name = names.head_name(ident.name, ident.attempt)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, ident=ident, labels=names.pod_labels(ident, role=names.ROLE_HEAD)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {k: selector[k] for k in (names.LABEL_JOB, names.LABEL_ROLE, names.LABEL_ATTEMPT)},
+            "ports": [
+                {"name": "gcs", "port": RAY_GCS_PORT, "targetPort": RAY_GCS_PORT, "protocol": "TCP"},
+                {"name": "client", "port": RAY_CLIENT_PORT, "targetPort": RAY_CLIENT_PORT, "protocol": "TCP"},
+                {"name": "dashboard", "port": RAY_DASHBOARD_PORT, "targetPort": RAY_DASHBOARD_PORT, "protocol": "TCP"},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def build_network_policy(ident: names.JobIdentity, *, settings: Settings) -> Manifest:
+    """Only the job's own pods reach Ray's ports; the operator may read metrics/dashboard; anyone may scrape metrics.
+
+    Ray has no authentication: anything that reaches the GCS or client port can run code in the job's pods.
+    Port 8000 (trainer metrics, read-only) stays open so Prometheus can scrape it from its own namespace.
+    """
+    job_pods = {"podSelector": {"matchLabels": {names.LABEL_JOB: ident.name, names.LABEL_MANAGED_BY: names.MANAGER}}}
+    operator_pods = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(settings.operator_pod_labels)}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(names.network_policy_name(ident.name), ident=ident, labels=names.job_labels(ident.name)),
+        "spec": {
+            "podSelector": {"matchLabels": {names.LABEL_JOB: ident.name, names.LABEL_MANAGED_BY: names.MANAGER}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [job_pods]},
+                {
+                    "from": [operator_pods],
+                    "ports": [
+                        {"port": METRICS_PORT, "protocol": "TCP"},
+                        {"port": RAY_DASHBOARD_PORT, "protocol": "TCP"},
+                    ],
+                },
+                {"ports": [{"port": METRICS_PORT, "protocol": "TCP"}]},
+            ],
+        },
+    }
+
+
+def _shm_mebibytes(memory: str) -> int:
+    return max(128, math.floor(ftspec.parse_quantity(memory) * SHM_FRACTION / 2**20))
+
+
+def shm_size(memory: str) -> str:
+    """/dev/shm for Ray's object store: SHM_FRACTION of the pod's memory (it counts against the limit), in Mi."""
+    return f"{_shm_mebibytes(memory)}Mi"
+
+
+def object_store_bytes(memory: str) -> int:
+    """Ray's object store, inside /dev/shm with headroom (Ray's default would be 30% of the *node's* RAM)."""
+    return max(OBJECT_STORE_MIN, int(_shm_mebibytes(memory) * 2**20 * 0.8))
+
+
+def _env(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> list[Manifest]:
+    env: list[Manifest] = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        # Explicit: Ray 2.60 turns token auth on by itself when it finds ~/.ray/auth_token, and workers then fail.
+        {"name": "RAY_AUTH_MODE", "value": "disabled"},
+        # Ray's C++ gRPC uses c-ares, which ignores /etc/hosts entries; getaddrinfo honours them (harmless in k8s).
+        {"name": "GRPC_DNS_RESOLVER", "value": "native"},
+        {"name": "FINETUNE_RUN_NAME", "value": ident.run_name},
+        {"name": "FINETUNE_PVC_ROOT", "value": PVC_ROOT},
+    ]
+    secret = spec.storage.credentials_secret
+    if secret:
+        # Referenced, never copied: the operator itself cannot even read Secrets.
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in SECRET_KEYS]
+    return env
+
+
+def _pvc_claim(spec: ftspec.FineTuneJobSpec) -> str | None:
+    if spec.model.uri.startswith("pvc://"):
+        return spec.model.uri.removeprefix("pvc://").split("/", 1)[0] or None
+    return None
+
+
+def _volumes(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity, memory: str) -> list[Manifest]:
+    volumes: list[Manifest] = [
+        {"name": "config", "configMap": {"name": names.config_map_name(ident.name)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(memory)}},
+        {"name": "ray-tmp", "emptyDir": {}},
+    ]
+    claim = _pvc_claim(spec)
+    if claim:
+        volumes.append({"name": "model-pvc", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+    return volumes
+
+
+def _mounts(spec: ftspec.FineTuneJobSpec) -> list[Manifest]:
+    mounts: list[Manifest] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "ray-tmp", "mountPath": RAY_TMP_DIR},
+    ]
+    claim = _pvc_claim(spec)
+    if claim:
+        mounts.append({"name": "model-pvc", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
+    return mounts
+
+
+def _tolerations(spec: ftspec.FineTuneJobSpec, *, gpus: int) -> list[Manifest]:
+    tolerations = [dict(t) for t in spec.resources.tolerations]
+    if gpus > 0 and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+        # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule; a GPU job must tolerate that by itself.
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def _container_security() -> Manifest:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+    }
+
+
+def _pod(
+    spec: ftspec.FineTuneJobSpec,
+    *,
+    settings: Settings,
+    ident: names.JobIdentity,
+    name: str,
+    labels: dict[str, str],
+    command: str,
+    resources: Manifest,
+    memory: str,
+    gpus: int,
+    ports: list[Manifest],
+    probe: Manifest,
+) -> Manifest:
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": "ray",
+                "image": spec.image or settings.trainer_image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "command": ["/bin/sh", "-c", command],
+                "env": _env(spec, ident),
+                "ports": ports,
+                "resources": resources,
+                "volumeMounts": _mounts(spec),
+                "readinessProbe": probe,
+                "securityContext": _container_security(),
+                "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        ],
+        "volumes": _volumes(spec, ident=ident, memory=memory),
+    }
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    tolerations = _tolerations(spec, gpus=gpus)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if spec.resources.affinity:
+        pod_spec["affinity"] = dict(spec.resources.affinity)
+    if spec.resources.priority_class_name:
+        pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(name, ident=ident, labels=labels),
+        "spec": pod_spec,
+    }
+
+
+def _requests_limits(*, cpu: str, memory: str, gpus: int) -> Manifest:
+    amounts: dict[str, str] = {"cpu": cpu, "memory": memory}
+    if gpus > 0:
+        amounts[GPU_RESOURCE] = str(gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+HEAD_SCRIPT = """\
+ray start --head --block --port={gcs} --num-cpus=0 --node-ip-address=$POD_IP \\
+  --dashboard-host=0.0.0.0 --dashboard-port={dashboard} --object-store-memory={store} \\
+  --temp-dir={tmp} --disable-usage-stats &
+ray_pid=$!
+i=0
+until python -c "import os, socket; socket.create_connection((os.environ['POD_IP'], {gcs}), 1)" 2>/dev/null; do
+  if ! kill -0 $ray_pid 2>/dev/null; then wait $ray_pid; exit $?; fi
+  i=$((i + 1)); if [ $i -ge 300 ]; then echo "Ray head did not start within 300 s" >&2; exit 1; fi
+  sleep 1
+done
+RAY_ADDRESS=$POD_IP:{gcs} finetune train --config {config} --run-name {run} --attempt {attempt} \\
+  --metrics-port {metrics} &
+train_pid=$!
+trap 'kill -TERM $train_pid 2>/dev/null' TERM INT
+wait $train_pid; rc=$?
+while kill -0 $train_pid 2>/dev/null; do wait $train_pid; rc=$?; done
+kill -TERM $ray_pid 2>/dev/null; wait $ray_pid 2>/dev/null
+exit $rc
+"""
+
+
+def head_command(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> str:
+    """Start the Ray head (no CPUs: training runs on the workers), then the trainer; the trainer's exit ends the pod.
+
+    Why a small supervisor script rather than `ray start && exec train`: `ray start --head` without --block
+    daemonizes GCS/raylet/dashboard, which nothing stops when the trainer exits (a leak wherever pods share a PID
+    namespace, and no clean Ray shutdown anywhere). With --block in the background, stopping that one process
+    stops its daemons (Ray's reaper). SIGTERM (suspend, deletion) is forwarded to the trainer so it can stop
+    cleanly, and the pod's exit code is the trainer's. The driver connects to this pod's own GCS by address
+    (RAY_ADDRESS), never "auto" (which scans processes and can find another cluster). No --ray-client-server-port:
+    the driver runs here and the trainer image need not carry ray[client].
+    """
+    return HEAD_SCRIPT.format(
+        gcs=RAY_GCS_PORT,
+        dashboard=RAY_DASHBOARD_PORT,
+        store=object_store_bytes(spec.resources.head.memory),
+        tmp=RAY_TMP_DIR,
+        config=f"{CONFIG_DIR}/{CONFIG_FILE}",
+        run=ident.run_name,
+        attempt=ident.attempt,
+        metrics=METRICS_PORT,
+    )
+
+
+def worker_command(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> str:
+    """Join the head of this attempt and block; Ray's CLI takes whole CPUs, so fractional requests round down (>=1)."""
+    cpus = max(1, math.floor(spec.resources.cpus))
+    return (
+        f"exec ray start --address={names.head_address(ident)}:{RAY_GCS_PORT} --num-cpus={cpus} "
+        f"--num-gpus={spec.resources.gpus_per_worker} --node-ip-address=$POD_IP "
+        f"--object-store-memory={object_store_bytes(spec.resources.memory_per_worker)} "
+        f"--node-manager-port={RAY_NODE_MANAGER_PORT} --temp-dir={RAY_TMP_DIR} --disable-usage-stats --block"
+    )
+
+
+def build_head_pod(spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity) -> Manifest:
+    head = spec.resources.head
+    return _pod(
+        spec,
+        settings=settings,
+        ident=ident,
+        name=names.head_name(ident.name, ident.attempt),
+        labels=names.pod_labels(ident, role=names.ROLE_HEAD),
+        command=head_command(spec, ident),
+        resources=_requests_limits(cpu=head.cpu, memory=head.memory, gpus=0),
+        memory=head.memory,
+        gpus=0,
+        ports=[
+            {"name": "gcs", "containerPort": RAY_GCS_PORT, "protocol": "TCP"},
+            {"name": "client", "containerPort": RAY_CLIENT_PORT, "protocol": "TCP"},
+            {"name": "dashboard", "containerPort": RAY_DASHBOARD_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        probe={"tcpSocket": {"port": RAY_GCS_PORT}, "periodSeconds": 5, "failureThreshold": 3},
+    )
+
+
+def build_worker_pod(
+    spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity, index: int
+) -> Manifest:
+    res = spec.resources
+    return _pod(
+        spec,
+        settings=settings,
+        ident=ident,
+        name=names.worker_name(ident.name, ident.attempt, index),
+        labels=names.pod_labels(ident, role=names.ROLE_WORKER, index=index),
+        command=worker_command(spec, ident),
+        resources=_requests_limits(cpu=res.cpus_per_worker, memory=res.memory_per_worker, gpus=res.gpus_per_worker),
+        memory=res.memory_per_worker,
+        gpus=res.gpus_per_worker,
+        ports=[{"name": "raylet", "containerPort": RAY_NODE_MANAGER_PORT, "protocol": "TCP"}],
+        probe={"tcpSocket": {"port": RAY_NODE_MANAGER_PORT}, "periodSeconds": 5, "failureThreshold": 3},
+    )
+
+
+def build_children(spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity) -> Rendered:
+    """Every child of the job's current attempt. `spec` must already be resolved (see resolve_spec)."""
+    return Rendered(
+        config_map=build_config_map(spec, ident=ident),
+        network_policy=build_network_policy(ident, settings=settings),
+        service=build_service(ident),
+        head=build_head_pod(spec, settings=settings, ident=ident),
+        workers=tuple(
+            build_worker_pod(spec, settings=settings, ident=ident, index=i) for i in range(spec.resources.workers)
+        ),
+    )
+
+
+def artifact_uris(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity) -> dict[str, str]:
+    """Where the trainer's artifacts are, per contract.py's layout under the resolved output URI."""
+    base = (spec.output.uri or "").rstrip("/")
+    artifacts = {
+        "model": f"{base}/{contract.MODEL_DIR}/",
+        "checkpoint": f"{base}/{contract.CHECKPOINTS_DIR}/{ident.run_name}/",
+        "metrics": f"{base}/{contract.METRICS_FILE}",
+        "report": f"{base}/{contract.REPORT_FILE}",
+        "manifest": f"{base}/{contract.MANIFEST}",
+    }
+    if spec.method.strategy is ftspec.Strategy.LORA:
+        artifacts["adapter"] = f"{base}/{contract.ADAPTER_DIR}/"
+    return artifacts
