@@ -29,7 +29,7 @@ from tests.devcluster.testing import pod_manifest, wait_phase
 def one_run(state: Path) -> dict[str, float]:
     """Start a cluster, run one pod to completion, stop; return the measured durations in seconds."""
     t0 = time.monotonic()
-    cluster = up(state, log=lambda _m: None)
+    cluster = up(state, log=lambda _m: None, die_with_caller=True)
     figures = cluster.timings()
     try:
         with cluster.api() as api:

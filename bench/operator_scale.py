@@ -192,7 +192,7 @@ def main() -> int:
         print(json.dumps(run(attach(REPO_ROOT / ".cluster"), jobs=args.jobs, workers=args.workers), indent=2))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
-        cluster = up(Path(tmp), log=lambda _m: None)
+        cluster = up(Path(tmp), log=lambda _m: None, die_with_caller=True)
         try:
             print(json.dumps(run(cluster, jobs=args.jobs, workers=args.workers), indent=2))
         finally:

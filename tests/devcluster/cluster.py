@@ -190,8 +190,14 @@ def up(
     with_node: bool = True,
     backoff_base: float = 10.0,
     log: Callable[[str], None] = print,
+    die_with_caller: bool = False,
 ) -> DevCluster:
-    """Start control plane (+ process node) in the background; returns once nodes are Ready."""
+    """Start control plane (+ process node) in the background; returns once nodes are Ready.
+
+    With `die_with_caller` (the pytest session, benchmarks) every component is SIGTERMed by the kernel when
+    the calling process dies, even by SIGKILL; the node's SIGTERM handler then kills its pods and removes
+    their network. Call it from the main thread. `make cluster-up` leaves it off: that cluster outlives `up`.
+    """
     if os.geteuid() != 0 and with_node:
         raise PermissionError("the process node needs root (network namespaces, bind mounts); run as root")
     state_dir = state_dir.resolve()
@@ -202,7 +208,7 @@ def up(
         shutil.rmtree(state_dir / stale, ignore_errors=True)
     binaries = ensure_built()
     net = network.NetConfig(network.claim_index(state_dir, is_alive=_running) if with_node else 31)
-    cp = ControlPlane(state_dir, binaries=binaries, extra_ips=(net.gateway,), log=log)
+    cp = ControlPlane(state_dir, binaries=binaries, extra_ips=(net.gateway,), log=log, die_with_caller=die_with_caller)
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     try:
@@ -251,6 +257,7 @@ def up(
                 pid_dir=cp.pid_dir,
                 cwd=REPO_ROOT,
                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                die_with_parent=die_with_caller,
             )
 
             def alive() -> None:

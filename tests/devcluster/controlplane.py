@@ -127,8 +127,10 @@ class ControlPlane:
         binaries: Binaries,
         extra_ips: tuple[str, ...] = (),
         log: Callable[[str], None] = print,
+        die_with_caller: bool = False,
     ) -> None:
         self.state_dir = state_dir
+        self.die_with_caller = die_with_caller  # components get SIGTERM when this process dies
         self.binaries = binaries
         self.extra_ips = extra_ips
         self.log = log
@@ -205,6 +207,7 @@ class ControlPlane:
             ],
             log_path=self.log_dir / "etcd.log",
             pid_dir=self.pid_dir,
+            die_with_parent=self.die_with_caller,
         )
 
     def _start_apiserver(self, ep: Endpoints, certs: pki_mod.Pki) -> None:
@@ -235,6 +238,7 @@ class ControlPlane:
             ],
             log_path=self.log_dir / "kube-apiserver.log",
             pid_dir=self.pid_dir,
+            die_with_parent=self.die_with_caller,
         )
 
     def _start_kcm(self, kubeconfig: Path, certs: pki_mod.Pki) -> None:
@@ -258,6 +262,7 @@ class ControlPlane:
             ],
             log_path=self.log_dir / "kube-controller-manager.log",
             pid_dir=self.pid_dir,
+            die_with_parent=self.die_with_caller,
         )
 
     # -- readiness -----------------------------------------------------------------------------------------

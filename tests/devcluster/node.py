@@ -40,7 +40,7 @@ from kubernetes import config as k8s_config
 
 from tests.devcluster import network, scheduling
 from tests.devcluster.kube import Informer, Obj, call_json
-from tests.devcluster.runtime import Mountpoints, NodeContext, PodRuntime, now_rfc3339
+from tests.devcluster.runtime import Mountpoints, NodeContext, PodRuntime, main_exited, now_rfc3339
 
 log = logging.getLogger("devcluster.node")
 
@@ -753,7 +753,7 @@ class ProcessNode:
                 rt.signal_all(signal.SIGTERM)
             deadline = time.monotonic() + 3
             while time.monotonic() < deadline and any(
-                r.proc is not None and r.proc.poll() is None for rt in self.runtimes.values() for r in rt.all_runs()
+                r.proc is not None and not main_exited(r.proc) for rt in self.runtimes.values() for r in rt.all_runs()
             ):
                 time.sleep(0.1)
             for rt in self.runtimes.values():

@@ -4,21 +4,28 @@ Every component runs in its own session (hence its own process group) and is rec
 the pid *and* its start time: `down` may run in a different Python process long after `up`, and must never
 signal an unrelated process that happens to reuse a pid. Stopping is SIGTERM to the whole group, a grace
 period, then SIGKILL.
+
+A cluster that belongs to one Python process (the pytest session) is spawned with `die_with_parent`: the
+kernel SIGTERMs each component when that process dies, even by SIGKILL, so a killed session leaves nothing
+running. `make cluster-up` must outlive its `up` command, so it does not use it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,22 @@ class Recorded:
             return False
 
 
+def _die_with(parent: int) -> Callable[[], None]:
+    """A preexec function: the kernel sends SIGTERM to the child when the thread that spawned it dies.
+
+    Linux only (prctl PR_SET_PDEATHSIG, kept across exec). If the parent died before prctl took effect, the
+    child exits at once instead of running unsupervised.
+    """
+
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
 def spawn(
     *,
     name: str,
@@ -47,8 +70,13 @@ def spawn(
     pid_dir: Path,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start `argv` in a new session with stdout+stderr appended to `log_path`; record it in `pid_dir`."""
+    """Start `argv` in a new session with stdout+stderr appended to `log_path`; record it in `pid_dir`.
+
+    With `die_with_parent` the process gets SIGTERM when the calling thread's process dies (call it from the
+    main thread: the kernel watches the spawning thread, not the process).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pid_dir.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
@@ -60,6 +88,7 @@ def spawn(
             start_new_session=True,
             env=dict(env) if env is not None else None,
             cwd=cwd,
+            preexec_fn=_die_with(os.getpid()) if die_with_parent else None,  # noqa: PLW1509 - main thread only
         )
     try:
         created = psutil.Process(proc.pid).create_time()

@@ -683,16 +683,21 @@ class PodRuntime:
     def signal_all(self, sig: int) -> None:
         """Send `sig` to every running container's process group."""
         for run in self.all_runs():
-            if run.proc is not None and run.proc.poll() is None:
+            if run.proc is not None and run.proc.returncode is None:  # not reaped: the group id is still ours
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(run.proc.pid, sig)
 
     def _poll(self) -> None:
         for run in self.all_runs():
-            if run.proc is not None:
-                code = run.proc.poll()
-                if code is not None:
-                    self._record_exit(run, code)
+            if run.proc is not None and main_exited(run.proc):
+                # A container ends with its main process: like a runtime tearing down the container's pid
+                # namespace, kill whatever else it started (e.g. daemons `ray start` left in its group) before
+                # reporting it terminated or restarting it. The unreaped main process keeps the group id
+                # from being reused, so this cannot hit another process.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(run.proc.pid, signal.SIGKILL)
+                code = run.proc.wait()
+                self._record_exit(run, code)
 
     # -- probes --------------------------------------------------------------------------------------------
 
@@ -1060,6 +1065,17 @@ class PodRuntime:
             st["podIP"] = self.pod_ip
             st["podIPs"] = [{"ip": self.pod_ip}]
         return st
+
+
+def main_exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether a container's main process has exited, without reaping it (waitid WNOWAIT)."""
+    if proc.returncode is not None:
+        return True
+    try:
+        res = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped elsewhere already
+        return proc.poll() is not None
+    return res is not None
 
 
 def _port(value: Any, runs: list[ContainerRun]) -> int:

@@ -79,3 +79,23 @@ def container_state(pod: Mapping[str, Any], container: str = "main") -> dict[str
         if cs.get("name") == container:
             return {k: v for k, v in (cs.get("state") or {}).items() if v}
     return {}
+
+
+def wait_crd_established(api: k8s.ApiClient, name: str, *, timeout: float = 60) -> None:
+    """Wait until the CustomResourceDefinition `name` has condition Established=True.
+
+    Used instead of `kubectl wait --for=condition=Established` right after applying a CRD: that can fail at
+    once with "accessor error: <nil>" when it reads the CRD before the API server has set any condition.
+    """
+
+    def established() -> bool:
+        try:
+            crd = call_json(k8s.ApiextensionsV1Api(api).read_custom_resource_definition, name)
+        except k8s.ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        conditions = (crd.get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+    wait_for(established, timeout=timeout, what=f"CRD {name} Established")

@@ -34,6 +34,7 @@ from botocore.config import Config
 
 from tests.devcluster.cluster import DevCluster
 from tests.devcluster.controlplane import free_port
+from tests.devcluster.testing import wait_crd_established
 from tests.fixtures.helm import CHART_CRD_DIR, CHART_DIR, CRD_FILE, helm, set_args
 from tests.servers.s3 import S3Server
 
@@ -67,7 +68,8 @@ def _install_crd(cluster: DevCluster) -> None:
         "-f",
         str(CHART_CRD_DIR / CRD_FILE),
     )
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+    with cluster.api() as api:  # not `kubectl wait`: it can fail with "accessor error: <nil>" this early
+        wait_crd_established(api, "finetunejobs.finetune.dev")
 
 
 def _operator_env(cluster: DevCluster, *, release: str, namespace: str, kubeconfig: Path) -> dict[str, str]:

@@ -15,12 +15,14 @@ import pytest
 import yaml
 
 from tests.devcluster.cluster import DevCluster
+from tests.devcluster.testing import wait_crd_established
 from tests.fixtures.helm import CHART_CRD_DIR, CRD_FILE
 
 pytestmark = pytest.mark.cluster
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FILES = sorted(EXAMPLES.rglob("*.yaml"))
+CRD_NAME = "finetunejobs.finetune.dev"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,8 @@ def crd_installed(cluster: DevCluster) -> None:
         "-f",
         str(CHART_CRD_DIR / CRD_FILE),
     )
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+    with cluster.api() as api:  # not `kubectl wait`: it can fail with "accessor error: <nil>" this early
+        wait_crd_established(api, CRD_NAME)
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))

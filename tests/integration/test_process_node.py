@@ -207,6 +207,35 @@ def test_deletion_sends_sigterm_then_removes_pod(cluster: DevCluster, namespace:
     assert "got SIGTERM" in cluster.pod_logs(namespace, "graceful")
 
 
+def test_container_exit_kills_what_its_main_process_left_behind(cluster: DevCluster, namespace: str) -> None:
+    # A non-interactive sh keeps `&` children in its own process group (no job control), like the daemons
+    # `ray start --head` leaves behind after it exits. A container runtime kills them with the container.
+    marker = f"bg-{namespace}"
+    script = 'sleep 1000 & echo "bg=$!"; exit 0'
+    create(cluster, namespace, pod_manifest("leaver", ["sh", "-c", script], env=[{"name": "FT_MARK", "value": marker}]))
+    with cluster.api() as api:
+        done = wait_phase(api, namespace, "leaver", ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Succeeded"
+    assert container_state(done)["terminated"]["exitCode"] == 0
+    log = cluster.pod_logs(namespace, "leaver")
+    assert log.startswith("bg="), log
+    bg_pid = int(log.split("=", 1)[1].strip())
+
+    def leftovers() -> list[int]:
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if p.info["cmdline"] != ["sleep", "1000"] or p.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                if p.pid == bg_pid or p.environ().get("FT_MARK") == marker:
+                    found.append(p.pid)
+            except psutil.Error:
+                continue
+        return found
+
+    wait_for(lambda: not leftovers(), timeout=10, what=f"no `sleep 1000` left by the pod (pid {bg_pid})")
+
+
 def test_termination_messages(cluster: DevCluster, namespace: str) -> None:
     writes_file = (
         "import json,sys\nopen('/dev/termination-log','w').write(json.dumps({'reason':'OutOfData'}))\nsys.exit(2)"
