@@ -127,31 +127,9 @@ def _wait_for_terminal(cluster: DevCluster, namespace: str, *, operator: subproc
     raise AssertionError(f"{JOB} did not finish within {SUCCEED_TIMEOUT:.0f}s; last status: {last}")
 
 
-def _known_blocker() -> str | None:
-    """A defect outside the chart that makes the quick start fail today, or None (then the test must pass).
-
-    PENDING (operator/trainer, not the chart): the head pod runs `ray start --ray-client-server-port=...`, which
-    needs the `ray[client]` extra, but pyproject's trainer extra installs `ray[train]` only, so every head pod
-    exits 1. Fix either side (add `client` to the ray extra, or drop the flag) and this skip lifts by itself.
-    """
-    from finetune_operator import builders, names  # noqa: PLC0415 - only for this check
-    from ray._private.utils import get_ray_client_dependency_error  # noqa: PLC0415 - heavy import
-
-    head = builders.head_command(names.JobIdentity(name=JOB, namespace="ns", uid="00000000"))
-    if "--ray-client-server-port" in head and get_ray_client_dependency_error() is not None:
-        return (
-            "PENDING operator/trainer fix: the head command passes --ray-client-server-port but ray[client] is not "
-            "installed (pyproject installs ray[train] only), so every head pod exits 1"
-        )
-    return None
-
-
 def test_kind_demo_steps_on_the_dev_cluster(
     cluster: DevCluster, namespace: str, job_namespace: str, s3_server: S3Server, tmp_path: Path
 ) -> None:
-    blocker = _known_blocker()
-    if blocker:
-        pytest.skip(blocker)
     release = "demo"
     endpoint = s3_server.endpoint_for(cluster.gateway_ip)
     # Step 1 (MinIO): the session's server. Step 2: the chart, exactly as kind-demo.sh sets it, minus the pod.
