@@ -29,6 +29,11 @@ class MetricsSample:
     trainer_phase: TrainerPhase | None = None
 
 
+# Driver phases before the first progress report of a worker (the driver starts at Initializing, Loading while the
+# workers load data and the model; the first report switches to Training).
+NOT_REPORTED_YET = frozenset({TrainerPhase.INITIALIZING, TrainerPhase.LOADING})
+
+
 class MetricsParseError(ValueError):
     """The endpoint answered with something that is not Prometheus text format."""
 
@@ -62,6 +67,10 @@ def parse_trainer_metrics(text: str) -> MetricsSample:
         value = number(metric)
         return None if value is None else int(value)
 
+    if phase in NOT_REPORTED_YET:
+        # The gauges exist (at 0) from the driver's start, but no worker has reported: a relaunch that will resume
+        # from step N must not show step 0 / resumedFromStep 0 meanwhile. Only the phase is known.
+        return MetricsSample(trainer_phase=phase)
     return MetricsSample(
         step=integer(Metric.STEP),
         total_steps=integer(Metric.TOTAL_STEPS) or None,

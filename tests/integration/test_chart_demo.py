@@ -52,6 +52,14 @@ SUCCEED_TIMEOUT = 600.0
 
 
 @pytest.fixture
+def seeded_hf_cache() -> None:
+    """The trainer image ships all-MiniLM-L6-v2 in its HF cache (trainer/Dockerfile); here pods share the host's."""
+    from finetune_trainer import hfcache  # noqa: PLC0415 - trainer-side import, only for this test
+
+    assert hfcache.main(["seed"]) == 0
+
+
+@pytest.fixture
 def job_namespace(cluster: DevCluster, namespace: str) -> Iterator[str]:
     name = f"{namespace[:52]}-jobs"
     cluster.kubectl("create", "namespace", name)
@@ -127,6 +135,7 @@ def _wait_for_terminal(cluster: DevCluster, namespace: str, *, operator: subproc
     raise AssertionError(f"{JOB} did not finish within {SUCCEED_TIMEOUT:.0f}s; last status: {last}")
 
 
+@pytest.mark.usefixtures("seeded_hf_cache")
 def test_kind_demo_steps_on_the_dev_cluster(
     cluster: DevCluster, namespace: str, job_namespace: str, s3_server: S3Server, tmp_path: Path
 ) -> None:

@@ -74,6 +74,21 @@ def test_parse_trainer_metrics() -> None:
     assert parse_trainer_metrics("").step is None
 
 
+@pytest.mark.parametrize("phase", ["Initializing", "Loading"])
+def test_metrics_before_the_first_report_are_not_progress(phase: str) -> None:
+    """A relaunched driver exposes its gauges at 0 until a worker reports: that is not step 0 (it may resume)."""
+    text = f"""{contract.Metric.STEP} 0.0
+{contract.Metric.TOTAL_STEPS} 0.0
+{contract.Metric.RESUMED_FROM_STEP} 0.0
+{contract.Metric.LAST_CHECKPOINT_STEP} 0.0
+{contract.Metric.PHASE}{{phase="{phase}"}} 1
+{contract.Metric.PHASE}{{phase="Training"}} 0
+"""
+    sample = parse_trainer_metrics(text)
+    assert sample.trainer_phase is contract.TrainerPhase(phase)
+    assert (sample.step, sample.total_steps, sample.resumed_from_step, sample.last_checkpoint_step) == (None,) * 4
+
+
 def test_parse_garbage_raises() -> None:
     with pytest.raises(MetricsParseError):
         parse_trainer_metrics("this is { not prometheus")

@@ -10,7 +10,7 @@ import pytest
 from finetune_operator import names
 from finetune_operator import status as st
 from finetune_operator.status_model import Artifacts, ClusterInfo, Condition, ConditionType, Phase, Progress, Status
-from finetune_operator.trainer_metrics import MetricsSample
+from finetune_operator.trainer_metrics import MetricsSample, parse_trainer_metrics
 from finetune_trainer import contract
 from finetune_trainer import spec as ftspec
 
@@ -437,6 +437,15 @@ def test_progress_time_only_moves_when_step_advances() -> None:
     assert same.status.progress is not None and same.status.progress.last_progress_time == ts(0)
     more = st.calculate(observe(old, running_cluster(), now=30, metrics=MetricsSample(step=51, total_steps=200)))
     assert more.status.progress is not None and more.status.progress.last_progress_time == ts(30)
+
+
+def test_relaunched_trainer_not_reporting_yet_keeps_the_step() -> None:
+    """Attempt 2's driver, still loading, has no progress: the status keeps step 50 rather than showing 0."""
+    old = status(Phase.RUNNING, progress=Progress(step=50, total_steps=200, last_progress_time=ts(0)))
+    m = contract.Metric
+    loading = parse_trainer_metrics(f'{m.STEP} 0\n{m.RESUMED_FROM_STEP} 0\n{m.PHASE}{{phase="Loading"}} 1\n')
+    progress = st.calculate(observe(old, running_cluster(), now=30, metrics=loading)).status.progress
+    assert progress is not None and progress.step == 50 and progress.last_progress_time == ts(0)
 
 
 def test_events_for_transitions() -> None:
