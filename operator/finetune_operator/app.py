@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import threading
 from typing import Any
 
@@ -74,6 +75,8 @@ def _progress_source(settings: Settings, session: aiohttp.ClientSession) -> Prog
 
 async def run_operator(settings: Settings, *, stop: threading.Event | asyncio.Event | None = None) -> int:
     """Run until stopped (signal or `stop`), leadership is lost, or kopf fails; returns the exit code."""
+    if stop is None:
+        stop = _stop_on_signals()
     configuration = await load_client_config(settings)
     metrics = OperatorMetrics()
     async with k8s.ApiClient(configuration) as api, aiohttp.ClientSession() as session:
@@ -104,6 +107,21 @@ async def run_operator(settings: Settings, *, stop: threading.Event | asyncio.Ev
                 await elector.release()
             for runner in runners:
                 await runner.cleanup()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """SIGTERM/SIGINT stop a standby replica gracefully too (exit 0, nothing to release).
+
+    kopf installs its own handlers once this replica leads (and then stops kopf, which ends `_lead`); before that,
+    without these, SIGTERM would kill a standby with the default action (exit -15) — a rolling update or a
+    scale-down would look like a crash.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
+            loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def _wait_flag(stop: threading.Event | asyncio.Event) -> None:

@@ -7,8 +7,10 @@ restart at any point resumes where the previous process stopped.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -112,7 +114,13 @@ def test_operator_killed_at_random_moments(cluster: DevCluster, namespace: str, 
         while not no_pods():
             assert time.monotonic() < end, {n: list(jobs.pods(n)) for n in names if jobs.pods(n)}
             time.sleep(0.5)
-        # Graceful shutdown: SIGTERM -> exit 0 and the lease handed back at once.
+        # Graceful shutdown of the leader: SIGTERM -> exit 0 and the lease handed back at once. The last process
+        # started may still be standing by for the lease of the one killed before it: wait until it leads.
+        active = re.compile(rf"operator active as \S*-{proc.pid} ")
+        end = time.monotonic() + 30
+        while not active.search(log.read_text()):
+            assert time.monotonic() < end, log.read_text()[-2000:]
+            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()[-2000:]
         holder = cluster.kubectl(
@@ -127,3 +135,35 @@ def test_operator_killed_at_random_moments(cluster: DevCluster, namespace: str, 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_standby_replica_exits_cleanly_on_sigterm(cluster: DevCluster, namespace: str, tmp_path: Path) -> None:
+    """A replica that never led (the Lease is held by another) exits 0 on SIGTERM, as a rolling update needs."""
+    install_crd(cluster)
+    kubeconfig = grant_documented_rbac(cluster, namespace)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "finetune-operator", "namespace": namespace},
+        "spec": {"holderIdentity": "another-replica", "leaseDurationSeconds": 3600, "renewTime": now},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(lease))
+    log = tmp_path / "operator.log"
+    proc = _spawn(kubeconfig, namespace, log)
+    try:
+        deadline = time.monotonic() + 60
+        while "standing by" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-2000:]
+        holder = cluster.kubectl(
+            "get", "lease", "-n", namespace, "finetune-operator", "-o", "jsonpath={.spec.holderIdentity}"
+        ).stdout
+        assert holder == "another-replica"  # a standby never touches the leader's lease
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
