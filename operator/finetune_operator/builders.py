@@ -147,14 +147,51 @@ def build_service(ident: names.JobIdentity) -> Manifest:
     }
 
 
-def build_network_policy(ident: names.JobIdentity, *, settings: Settings) -> Manifest:
-    """Only the job's own pods reach Ray's ports; the operator may read metrics/dashboard; anyone may scrape metrics.
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server on every namespace; not forgeable
 
-    Ray has no authentication: anything that reaches the GCS or client port can run code in the job's pods.
-    Port 8000 (trainer metrics, read-only) stays open so Prometheus can scrape it from its own namespace.
+
+def _job_pods_peer(ident: names.JobIdentity) -> Manifest:
+    """The job's own pods. A podSelector without namespaceSelector matches only the policy's own namespace, so a
+    pod elsewhere cannot qualify however it is labelled."""
+    labels = {names.LABEL_NAME: names.APP_NAME, names.LABEL_MANAGED_BY: names.MANAGER, names.LABEL_JOB: ident.name}
+    return {"podSelector": {"matchLabels": labels}}
+
+
+def _metrics_peers(settings: Settings) -> list[Manifest]:
+    """Who may read the trainer metrics port: the operator's pods in its own namespace, and configured scrapers.
+
+    Pod labels alone prove nothing across namespaces (anyone can label a pod), so every peer outside the job's
+    namespace is pinned by namespace: the operator's by its name label, scrapers by the configured labels.
     """
-    job_pods = {"podSelector": {"matchLabels": {names.LABEL_JOB: ident.name, names.LABEL_MANAGED_BY: names.MANAGER}}}
-    operator_pods = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(settings.operator_pod_labels)}}
+    peers: list[Manifest] = []
+    if settings.operator_namespace:
+        peers.append(
+            {
+                "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: settings.operator_namespace}},
+                "podSelector": {"matchLabels": dict(settings.operator_pod_labels)},
+            }
+        )
+    if settings.metrics_scraper_namespace_labels:
+        scraper: Manifest = {"namespaceSelector": {"matchLabels": dict(settings.metrics_scraper_namespace_labels)}}
+        if settings.metrics_scraper_pod_labels:
+            scraper["podSelector"] = {"matchLabels": dict(settings.metrics_scraper_pod_labels)}
+        peers.append(scraper)
+    return peers
+
+
+def build_network_policy(ident: names.JobIdentity, *, settings: Settings) -> Manifest:
+    """Every port of the job's pods is closed except: all ports to the job's own pods, the metrics port to readers.
+
+    Ray has no authentication: whatever reaches the GCS (6379), dashboard (8265, whose Jobs API runs code),
+    client (10001) or raylet/object-manager/worker ports runs code in the job's pods with its S3 credentials.
+    Only the job's pods talk Ray to each other; the operator reads nothing but the trainer metrics port, and so
+    does Prometheus when operator settings name its namespace. Kubelet probes come from the node, which
+    NetworkPolicy always admits.
+    """
+    ingress: list[Manifest] = [{"from": [_job_pods_peer(ident)]}]
+    readers = _metrics_peers(settings)
+    if readers:
+        ingress.append({"from": readers, "ports": [{"port": METRICS_PORT, "protocol": "TCP"}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -162,17 +199,7 @@ def build_network_policy(ident: names.JobIdentity, *, settings: Settings) -> Man
         "spec": {
             "podSelector": {"matchLabels": {names.LABEL_JOB: ident.name, names.LABEL_MANAGED_BY: names.MANAGER}},
             "policyTypes": ["Ingress"],
-            "ingress": [
-                {"from": [job_pods]},
-                {
-                    "from": [operator_pods],
-                    "ports": [
-                        {"port": METRICS_PORT, "protocol": "TCP"},
-                        {"port": RAY_DASHBOARD_PORT, "protocol": "TCP"},
-                    ],
-                },
-                {"ports": [{"port": METRICS_PORT, "protocol": "TCP"}]},
-            ],
+            "ingress": ingress,
         },
     }
 

@@ -12,9 +12,9 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "FINETUNE_"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
@@ -78,7 +78,24 @@ class Settings(BaseModel):
     )
     operator_pod_labels: dict[str, str] = Field(
         default_factory=lambda: {"app.kubernetes.io/name": "finetune-operator"},
-        description="Labels of the operator pods; the job NetworkPolicy admits them to Ray's ports.",
+        description="Labels of the operator pods; job NetworkPolicies admit them (in operator_namespace) to the "
+        "trainer metrics port.",
+    )
+    operator_namespace: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Namespace the operator pods run in; POD_NAMESPACE when set. Unset (operator outside the "
+        "cluster): job NetworkPolicies admit no operator pod.",
+    )
+    metrics_scraper_namespace_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels of the namespaces (e.g. kubernetes.io/metadata.name=monitoring) whose pods may scrape "
+        "the trainer metrics port of job pods (Prometheus); empty = nobody but the operator.",
+    )
+    metrics_scraper_pod_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels of the scraper pods inside those namespaces (e.g. app.kubernetes.io/name=prometheus); "
+        "empty = every pod there.",
     )
     metrics_source: MetricsSource = Field(
         default=MetricsSource.HTTP, description="http (the trainer's /metrics); simulated is for the test node only."
@@ -93,7 +110,9 @@ class Settings(BaseModel):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("operator_pod_labels", mode="before")
+    @field_validator(
+        "operator_pod_labels", "metrics_scraper_namespace_labels", "metrics_scraper_pod_labels", mode="before"
+    )
     @classmethod
     def _labels(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -102,6 +121,14 @@ class Settings(BaseModel):
                 raise ValueError("expected key=value[,key=value]")
             return dict(p.split("=", 1) for p in pairs)
         return value
+
+    @model_validator(mode="after")
+    def _scrapers(self) -> Self:
+        if self.metrics_scraper_pod_labels and not self.metrics_scraper_namespace_labels:
+            raise ValueError(
+                "metrics_scraper_pod_labels needs metrics_scraper_namespace_labels (the namespaces the scrapers run in)"
+            )
+        return self
 
     @property
     def clusterwide(self) -> bool:
@@ -147,13 +174,14 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
             sources[name] = _flag(name)
     if not values.get("identity"):
         values["identity"] = environ.get("POD_NAME") or f"{os.uname().nodename}-{os.getpid()}"
-    if "lease_namespace" not in values and environ.get("POD_NAMESPACE"):
-        values["lease_namespace"] = environ["POD_NAMESPACE"]
+    for name in ("lease_namespace", "operator_namespace"):
+        if name not in values and environ.get("POD_NAMESPACE"):
+            values[name] = environ["POD_NAMESPACE"]
     try:
         return Settings.model_validate(values)
     except ValidationError as e:
         problems = [
-            f"{sources.get(str(err['loc'][0]), str(err['loc'][0])) if err['loc'] else '?'}: {err['msg']}"
+            f"{sources.get(str(err['loc'][0]), str(err['loc'][0]))}: {err['msg']}" if err["loc"] else err["msg"]
             for err in e.errors(include_url=False)
         ]
         raise SettingsError("invalid operator settings: " + "; ".join(problems)) from e

@@ -207,19 +207,6 @@ def test_missing_output_without_default_is_invalid_spec() -> None:
     assert error.value.errors[0][0] == "spec.output.uri"
 
 
-def test_network_policy_limits_ray_ports() -> None:
-    policy = builders.build_network_policy(IDENT, settings=SETTINGS)
-    rules = policy["spec"]["ingress"]
-    assert rules[0] == {
-        "from": [
-            {"podSelector": {"matchLabels": {names.LABEL_JOB: "sst2", names.LABEL_MANAGED_BY: "finetune-operator"}}}
-        ]
-    }
-    assert rules[1]["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "finetune-operator"}
-    # The only rule without a source restriction opens nothing but the metrics port.
-    assert rules[2] == {"ports": [{"port": 8000, "protocol": "TCP"}]}
-
-
 @pytest.mark.parametrize(("memory", "expected"), [("4Gi", "1228Mi"), ("100Mi", "128Mi"), ("16Gi", "4915Mi")])
 def test_shm_size(memory: str, expected: str) -> None:
     assert builders.shm_size(memory) == expected

@@ -63,3 +63,12 @@ app.kubernetes.io/part-of: finetune-operator
 {{- end }}
 {{- join "," $pairs }}
 {{- end }}
+
+{{/* A label map (the context) as key=value,key=value, sorted by key. */}}
+{{- define "finetune-operator.labelsCsv" -}}
+{{- $pairs := list }}
+{{- range $k, $v := . }}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}
