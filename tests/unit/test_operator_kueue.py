@@ -72,6 +72,24 @@ def test_external_framework_name_is_kind_version_group() -> None:
     assert kueue.EXTERNAL_FRAMEWORK == "FineTuneJob.v1alpha1.finetune.dev"
 
 
+@pytest.mark.parametrize(
+    ("job", "expected"),
+    [
+        ("sst2", "finetunejob-sst2-62d9a"),
+        # Kueue's long form is finetunejob-a-rather-long-job-name-that-needs-truncation-for-kueue-workloads-418d1;
+        # the short form (ShortWorkloadNames, always used here) cuts the prefix to 57 characters, same hash.
+        (
+            "a-rather-long-job-name-that-needs-truncation-for-kueue-workloads",
+            "finetunejob-a-rather-long-job-name-that-needs-truncation--418d1",
+        ),
+    ],
+)
+def test_workload_name_matches_kueues_own_function(job: str, expected: str) -> None:
+    """Expected values printed by sigs.k8s.io/kueue@v0.17.0 jobframework.GetWorkloadNameForOwnerWithGVK for
+    FineTuneJob.v1alpha1.finetune.dev and IDENT's uid (a 10-line `go run` program, see docs/kueue.md)."""
+    assert kueue.workload_name(dataclasses.replace(IDENT, name=job)) == expected
+
+
 @pytest.mark.parametrize("length", [1, 45, 51, 52, 63, 115, 253])
 def test_workload_name_is_stable_short_and_unique_per_uid(length: int) -> None:
     ident = dataclasses.replace(IDENT, name="j" * length)
