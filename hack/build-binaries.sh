@@ -162,6 +162,7 @@ for t in "${targets[@]}"; do
     etcd) build_etcd ;;
     k8s) build_k8s ;;
     helm) build_helm ;;
+    kueue) bash "$ROOT/hack/build-kueue.sh" ;;
     minio)
       if [[ -f "$ROOT/hack/build-minio.sh" ]]; then
         bash "$ROOT/hack/build-minio.sh"

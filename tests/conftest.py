@@ -11,6 +11,7 @@ pytest_plugins = [
     "tests.fixtures.cluster",
     "tests.fixtures.s3",
     "tests.fixtures.prometheus",
+    "tests.fixtures.kueue",
 ]
 
 
