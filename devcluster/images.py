@@ -69,7 +69,7 @@ class Recipe:
     build_args: tuple[tuple[str, str], ...] = ()
     on_base: bool = True  # built FROM our base image (--build-arg BASE_IMAGE=<base ref>)
     network: bool = False  # RUN steps download packages: share the host's CA bundle and uv cache
-    stage: str | None = None  # host-side step that fills the staged context: rootfs | pause | coredns | minio
+    stage: str | None = None  # host-side step that fills the staged context (STAGES)
     pins: tuple[tuple[str, str], ...] = field(default=())  # versions of what staging brings in (hashed)
 
 
@@ -109,7 +109,13 @@ def recipes(versions: Mapping[str, str], *, gcc_version: str = "") -> dict[str, 
             stage="minio",
             pins=(("MINIO_VERSION", versions.get("MINIO_VERSION", "")),),
         ),
-        "prometheus": Recipe(name="prometheus", dockerfile="images/prometheus/Dockerfile", context="images/prometheus"),
+        "prometheus": Recipe(
+            name="prometheus",
+            dockerfile="images/prometheus/Dockerfile",
+            context=None,
+            stage="prometheus",
+            pins=(("PROMETHEUS_VERSION", versions.get("PROMETHEUS_VERSION", "")),),
+        ),
     }
 
 
@@ -217,7 +223,7 @@ def build_argv(
     layer) so pip and uv trust this machine's TLS proxy; the host's uv cache goes on /mnt (an empty directory in
     Debian images) so torch is not downloaded a second time.
     """
-    argv = ["buildah", "bud", "--isolation", "chroot", "--layers", "--pull=never", "--format", "oci"]
+    argv = ["buildah", "bud", "--isolation", "chroot", "--layers", "--force-rm", "--pull=never", "--format", "oci"]
     argv += ["--file", str(dockerfile), "--tag", ref, "--label", f"dev.finetune.inputs={digest}"]
     if recipe.target:
         argv += ["--target", recipe.target]
@@ -382,7 +388,7 @@ def _stage_pause(staged: Path, *, log: Log, log_path: Path) -> None:
 
 
 def _stage_coredns(staged: Path, *, log: Log, log_path: Path) -> None:
-    binary = ensure_coredns(log=log)
+    binary = ensure_go_tool(GO_TOOLS["coredns"], log=log)
     shutil.copy2(binary, staged / "coredns")
     # Upstream's image does the same: serve :53 as a non-root user without any other privilege.
     _run_logged(
@@ -403,43 +409,81 @@ def _stage_minio(staged: Path, *, log: Log, log_path: Path) -> None:
     shutil.copy2(binary, staged / "minio")
 
 
+def _stage_prometheus(staged: Path, *, log: Log, log_path: Path) -> None:
+    shutil.copy2(ensure_go_tool(GO_TOOLS["prometheus"], log=log), staged / "prometheus")
+
+
 STAGES: dict[str, Callable[..., None]] = {
     "rootfs": _stage_rootfs,
     "pause": _stage_pause,
     "coredns": _stage_coredns,
     "minio": _stage_minio,
+    "prometheus": _stage_prometheus,
 }
 
 
-def ensure_coredns(*, log: Log = print) -> Path:
-    """$FT_CACHE/coredns/<COREDNS_VERSION>/bin/coredns, built from its Go module if hack/build-binaries.sh has not.
+@dataclass(frozen=True, kw_only=True)
+class GoTool:
+    """A binary built from its Go module the way its release is: static, trimmed, with the release's ldflags."""
 
-    Same output path, lock file and release ldflags as build-binaries.sh, so whichever runs first builds it once.
-    """
-    version = versions()["COREDNS_VERSION"]
-    out = cache_dir() / "coredns" / version / "bin" / "coredns"
-    with _lock("coredns", directory=cache_dir() / ".locks"):
+    name: str  # output: $FT_CACHE/<name>/<version>/bin/<name>
+    package: str  # module path of the main package, installed as package@version
+    version_key: str  # hack/versions.env key of the module version
+    ldflags: Callable[[str, str], str]  # (version, commit) -> -X flags
+    tags: str = ""
+
+
+GO_TOOLS = {
+    # The same output path, lock and ldflags as hack/build-binaries.sh: whichever runs first builds it once.
+    "coredns": GoTool(
+        name="coredns",
+        package="github.com/coredns/coredns",
+        version_key="COREDNS_VERSION",
+        ldflags=lambda _version, commit: f"-X github.com/coredns/coredns/coremain.GitCommit={commit[:7]}",
+    ),
+    # Module v0.3XX.Y is Prometheus 3.XX.Y. Only Kubernetes service discovery: the rest would triple the build.
+    "prometheus": GoTool(
+        name="prometheus",
+        package="github.com/prometheus/prometheus/cmd/prometheus",
+        version_key="PROMETHEUS_VERSION",
+        ldflags=lambda version, commit: " ".join(
+            f"-X github.com/prometheus/common/version.{key}={value}"
+            for key, value in (("Version", prometheus_release(version)), ("Revision", commit), ("Branch", "HEAD"))
+        ),
+        tags="remove_all_sd enable_kubernetes_sd",
+    ),
+}
+
+
+def prometheus_release(module_version: str) -> str:
+    """Prometheus' release for its Go module version: v0.316.0 -> 3.16.0 (3.x releases are tagged v0.3XX.Y)."""
+    match = re.fullmatch(r"v0\.3(\d{2})\.(\d+)", module_version)
+    if not match:
+        raise ValueError(f"PROMETHEUS_VERSION {module_version!r} is not a 3.x module version (v0.3XX.Y)")
+    return f"3.{int(match[1])}.{match[2]}"
+
+
+def ensure_go_tool(tool: GoTool, *, log: Log = print) -> Path:
+    """$FT_CACHE/<name>/<version>/bin/<name>, built with `go install` unless it exists."""
+    version = versions()[tool.version_key]
+    out = cache_dir() / tool.name / version / "bin" / tool.name
+    with _lock(tool.name, directory=cache_dir() / ".locks"):
         if os.access(out, os.X_OK):
             return out
         started = time.monotonic()
-        log(f"images: building coredns {version} from its Go module (cold: a few minutes)")
-        module = f"github.com/coredns/coredns@{version}"
-        info = subprocess.run(
-            ["go", "mod", "download", "-json", module],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "GOFLAGS": ""},
-        )
-        commit = str(json.loads(info.stdout).get("Origin", {}).get("Hash", ""))[:7]
+        log(f"images: building {tool.name} {version} from its Go module (cold: several minutes)")
+        module = tool.package.split("/cmd/")[0]
+        env = {**os.environ, "GOFLAGS": "", "CGO_ENABLED": "0", "GOTOOLCHAIN": "local"}
+        download = ["go", "mod", "download", "-json", f"{module}@{version}"]
+        info = subprocess.run(download, env=env, capture_output=True, text=True, check=True)
+        commit = str(json.loads(info.stdout).get("Origin", {}).get("Hash", ""))
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent.parent) as gobin:
-            env = {**os.environ, "GOBIN": gobin, "CGO_ENABLED": "0", "GOFLAGS": "", "GOTOOLCHAIN": "local"}
-            ldflags = f"-s -w -X github.com/coredns/coredns/coremain.GitCommit={commit}"
-            cmd = ["go", "install", "-trimpath", "-ldflags", ldflags, module]
-            subprocess.run(cmd, env=env, check=True)
-            shutil.move(Path(gobin) / "coredns", out)
-        log(f"images: built coredns {version} in {time.monotonic() - started:.0f}s")
+            ldflags = f"-s -w {tool.ldflags(version, commit)}"
+            cmd = ["go", "install", "-trimpath", "-tags", tool.tags, "-ldflags", ldflags, f"{tool.package}@{version}"]
+            subprocess.run(["nice", "-n", "10", *cmd], env={**env, "GOBIN": gobin}, check=True)
+            shutil.move(Path(gobin) / tool.name, out)
+        log(f"images: built {tool.name} {version} in {time.monotonic() - started:.0f}s")
     return out
 
 
@@ -479,16 +523,17 @@ def _local_refs() -> set[str]:
 
 
 def _image_size(ref: str) -> int:
-    proc = subprocess.run(["buildah", "images", "--json", ref], capture_output=True, text=True, check=False)
-    entries = json.loads(proc.stdout or "[]") if proc.returncode == 0 else []
-    return int(entries[0].get("size", 0)) if entries else 0
+    """Bytes of the image's layers, uncompressed."""
+    cmd = ["podman", "image", "inspect", "--format", "{{.Size}}", ref]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return int(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip().isdigit() else 0
 
 
 def _prune_tags(name: str, *, keep: int, log: Log) -> None:
     """Untag all but the newest `keep` tags of an image; their layers go unless a kept image shares them."""
     proc = subprocess.run(["buildah", "images", "--json"], capture_output=True, text=True, check=True)
     tagged = [
-        (str(entry.get("createdatraw") or entry.get("created") or ""), ref)
+        (int(entry.get("created") or 0), ref)
         for entry in json.loads(proc.stdout or "[]")
         for ref in entry.get("names") or []
         if ref.startswith(f"{REF_PREFIX}{name}:")
@@ -496,6 +541,16 @@ def _prune_tags(name: str, *, keep: int, log: Log) -> None:
     for _, ref in sorted(tagged, reverse=True)[keep:]:
         rmi = subprocess.run(["buildah", "rmi", ref], capture_output=True, text=True, check=False)
         log(f"images: pruned {ref}" if rmi.returncode == 0 else f"images: kept {ref} (in use: {rmi.stderr.strip()})")
+
+
+def prune(names: Sequence[str], *, log: Log = print) -> None:
+    """Drop old tags of these images from buildah's storage and the OCI layout (the newest KEEP_TAGS stay)."""
+    for name in names:
+        _prune_tags(name, keep=KEEP_TAGS, log=log)
+    layout = registry.Layout(cache_dir() / "images" / "oci")
+    with layout.locked(exclusive=True):
+        freed = registry.prune(layout, per_repository=KEEP_TAGS)
+    log(f"images: freed {freed / 1e6:.0f} MB in {layout.root}")
 
 
 def _host_ca() -> Path | None:
@@ -611,17 +666,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     load.add_argument("--address", type=Path, required=True, help="containerd's socket")
     load.add_argument("--namespace", default="k8s.io")
     load.add_argument("names", nargs="*", metavar="NAME")
+    prune_cmd = sub.add_parser("prune", help=f"keep the newest {KEEP_TAGS} tags of each image, drop the rest")
+    prune_cmd.add_argument("names", nargs="*", metavar="NAME")
     args = parser.parse_args(argv)
     names = list(args.names) or list(NAMES)
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
     try:
         if args.command == "refs":
             for _, image, _ in plan(names):
                 print(f"{image.name}={image.ref}")
         elif args.command == "build":
-            ensure_images(names)
+            ensure_images(names, log=log)
+        elif args.command == "prune":
+            prune(names, log=log)
         else:
-            built = ensure_images(names)
-            load_into_containerd(built.values(), address=args.address, namespace=args.namespace)
+            built = ensure_images(names, log=log)
+            load_into_containerd(built.values(), address=args.address, namespace=args.namespace, log=log)
     except (ImageBuildError, ValueError, subprocess.CalledProcessError) as e:
         print(f"images: {e}", file=sys.stderr)
         return 1

@@ -140,7 +140,7 @@ def test_build_argv_shares_ca_and_uv_cache_only_with_downloading_builds() -> Non
     trainer = _argv(TABLE["trainer"])
     assert trainer[:3] == ["buildah", "bud", "--isolation"] and trainer[-1] == "/r"
     assert "--layers" in trainer and "--pull=never" in trainer
-    assert ["--target", "cpu"] == trainer[trainer.index("--target") : trainer.index("--target") + 2]
+    assert trainer[trainer.index("--target") : trainer.index("--target") + 2] == ["--target", "cpu"]
     assert "/root/.cache/uv:/mnt" in trainer and "UV_CACHE_DIR=/mnt" in trainer
     assert "/etc/ca.crt:/etc/ssl/certs/ca-certificates.crt:ro" in trainer
     assert "TORCH_INDEX_URL=https://pypi.org/simple" in trainer
@@ -157,14 +157,34 @@ def test_every_recipe_file_exists_and_copies_what_exists() -> None:
 
 
 @pytest.mark.parametrize("name", ["operator", "trainer"])
-def test_dependencies_are_installed_before_the_sources_are_copied(name: str) -> None:
-    """The caching promise: a code change must not rebuild the dependency layer (GBs for the trainer)."""
+def test_dependency_layer_depends_on_the_dependency_list_and_lock_only(name: str) -> None:
+    """The caching promise: neither a code change nor a tool setting in pyproject.toml rebuilds the dependency layer
+    (GBs for the trainer): before it, the image stage copies only the lock and the extracted dependency list."""
     lines = images.logical_lines((ROOT / name / "Dockerfile").read_text())
-    deps = next(i for i, line in enumerate(lines) if f"--extra {name}" in line)
-    first_source = next(i for i, line in enumerate(lines) if line.startswith("COPY operator/"))
-    assert deps < first_source
-    copied_before = [s for line in lines[:deps] for s in images.copy_sources(line)]
-    assert copied_before == ["pyproject.toml", "requirements.lock"]
+    stage = max(i for i, line in enumerate(lines) if line.startswith("FROM ${BASE_IMAGE}"))
+    deps = next(i for i, line in enumerate(lines) if "-r requirements.in" in line)
+    copies = [line for line in lines[stage:deps] if line.startswith("COPY")]
+    assert copies == ["COPY --from=requirements /src/requirements.in ./", "COPY requirements.lock ./"]
+    assert any(line.startswith("COPY operator/") for line in lines[deps:])
+    extract = next(line for line in lines if "tomllib" in line)
+    assert f'["optional-dependencies"]["{name}"]' in extract
+
+
+RELEASE_CASES = [
+    Case("3.16.0", "v0.316.0", "3.16.0"),
+    Case("patch", "v0.305.2", "3.5.2"),
+    Case("2.x module version", "v0.54.1", error="not a 3.x module version"),
+    Case("a release tag", "v3.16.0", error="not a 3.x module version"),
+]
+
+
+@pytest.mark.parametrize("case", RELEASE_CASES, ids=lambda c: c.name)
+def test_prometheus_release_of_its_module_version(case: Case) -> None:
+    if case.error:
+        with pytest.raises(ValueError, match=case.error):
+            images.prometheus_release(case.given)
+    else:
+        assert images.prometheus_release(case.given) == case.expected
 
 
 def _entry(ref: str, digest: str) -> dict[str, Any]:

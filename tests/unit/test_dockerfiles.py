@@ -46,7 +46,7 @@ def _final_stage(text: str, name: str | None = None) -> str:
 def test_operator_image_is_slim_and_non_root() -> None:
     text = (ROOT / "operator" / "Dockerfile").read_text()
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    assert "--extra operator" in code and "--extra trainer" not in code
+    assert '["optional-dependencies"]["operator"]' in code and '["trainer"]' not in code
     # Users' default stays the official image; the dev cluster passes its own Debian base.
     assert re.search(r"(?m)^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text)
     final = _final_stage(text)
@@ -62,7 +62,7 @@ def test_trainer_variants_are_non_root_with_pinned_versions(variant: str) -> Non
     assert re.search(r"(?m)^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text)
     assert re.search(rf"(?m)^FROM trainer AS {variant}$", text)
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    assert "--extra trainer" in code and "kopf" not in code
+    assert '["optional-dependencies"]["trainer"]' in code and "kopf" not in code
     # Both variants start from the trainer stage, which switches to the UID the operator's pods run as.
     assert re.search(r"(?m)^USER 1000:1000", _final_stage(text, "trainer"))
 
