@@ -1,15 +1,15 @@
 """The product images, built from their Dockerfiles, run the way the chart and the operator run them: non-root,
 read-only root filesystem, writable only where a pod mounts volumes.
 
-- operator: `finetune operator` against the real control plane with a least-privilege ServiceAccount, serving
-  /healthz, /readyz and /metrics and taking its leader-election Lease, as UID 65532 with nothing writable at all.
-- trainer: `finetune run` of a tiny BERT on local files as UID 1000, with tmpfs only at /tmp, $HOME and
-  /dev/shm (the emptyDirs), no network; and the seeded all-MiniLM-L6-v2 resolving offline from the image.
+- operator: `finetune operator` against the real control plane with in-cluster configuration for a least-privilege
+  ServiceAccount, serving /healthz, /readyz and /metrics and taking its leader-election Lease, as UID 65532 with
+  nothing writable at all.
+- trainer: `finetune run` of a tiny BERT on local files as UID 1000, writable only at /tmp, $HOME and /dev/shm
+  (the emptyDirs), no network; and the seeded all-MiniLM-L6-v2 resolving offline from the image.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 from collections.abc import Callable
@@ -39,6 +39,7 @@ from tests.images.podman import (
 pytestmark = [pytest.mark.images]
 
 TRAINER_VOLUMES = ["/tmp", "/home/finetune"]  # the emptyDirs the operator's pods mount (and /dev/shm)
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def _free_port() -> int:
@@ -47,16 +48,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _portable_kubeconfig(source: Path, target: Path) -> Path:
-    """The kubeconfig with its CA inlined, readable by the container's user (no host paths left in it)."""
-    config = yaml.safe_load(source.read_text())
-    for cluster in config["clusters"]:
-        ca = cluster["cluster"].pop("certificate-authority", None)
-        if ca:
-            cluster["cluster"]["certificate-authority-data"] = base64.b64encode(Path(ca).read_bytes()).decode()
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "kubeconfig").write_text(yaml.safe_dump(config))
-    return open_tree(target)
+def _service_account_files(kubeconfig: Path, *, namespace: str, target: Path) -> tuple[Path, str, str]:
+    """What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount (token, ca.crt, namespace) for the
+    ServiceAccount the kubeconfig acts as; returns that directory and the API server's host and port."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    cluster = config["clusters"][0]["cluster"]
+    target.mkdir(parents=True)
+    (target / "token").write_text(config["users"][0]["user"]["token"])
+    (target / "ca.crt").write_bytes(Path(cluster["certificate-authority"]).read_bytes())
+    (target / "namespace").write_text(namespace)
+    host, port = cluster["server"].removeprefix("https://").rsplit(":", 1)
+    return open_tree(target), host, port
 
 
 @pytest.mark.cluster
@@ -66,14 +68,17 @@ def test_operator_image_serves_health_and_leads_as_non_root_on_a_read_only_root(
 ) -> None:
     image = built("operator")
     install_crd(cluster)
-    conf = _portable_kubeconfig(grant_documented_rbac(cluster, namespace), tmp_path / "conf")
+    kubeconfig = grant_documented_rbac(cluster, namespace)
+    secrets, host, port = _service_account_files(kubeconfig, namespace=namespace, target=tmp_path / "sa")
     health, metrics = _free_port(), _free_port()
-    options = [*read_only_args(), "--network", "host", "-v", f"{conf}:/etc/finetune:ro"]
-    options += ["-e", f"FINETUNE_NAMESPACES={namespace}", "-e", f"POD_NAMESPACE={namespace}", "-e", "POD_NAME=op-img"]
+    # In-cluster configuration, as in a pod: the ServiceAccount's files and the API server's address in the env.
+    options = [*read_only_args(), "--network", "host", "-v", f"{secrets}:{SERVICE_ACCOUNT_DIR}:ro"]
+    env = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port, "FINETUNE_NAMESPACES": namespace,
+           "POD_NAMESPACE": namespace, "POD_NAME": "op-img"}  # fmt: skip
+    options += [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
     cid = containers.start(
         image.ref,
         "operator",
-        "--kubeconfig=/etc/finetune/kubeconfig",
         f"--health-port={health}",
         f"--metrics-port={metrics}",
         "--bind-address=127.0.0.1",
