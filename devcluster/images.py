@@ -684,7 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             prune(names, log=log)
         else:
             built = ensure_images(names, log=log)
-            load_into_containerd(built.values(), address=args.address, namespace=args.namespace, log=log)
+            wanted = [built[name] for name in names]  # not the base, unless asked for
+            load_into_containerd(wanted, address=args.address, namespace=args.namespace, log=log)
     except (ImageBuildError, ValueError, subprocess.CalledProcessError) as e:
         print(f"images: {e}", file=sys.stderr)
         return 1
