@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: help venv lock run test test-unit lint crds chart-crds api-docs binaries cluster-up cluster-down bench clean \
-	images kind-up kind-load kind-demo kind-down
+	images images-docker images-prune kind-up kind-load kind-demo kind-down
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -36,8 +36,8 @@ run: venv ## fine-tune examples/quickstart.yaml locally (no cluster) and print S
 	$(VENV)/bin/finetune run examples/quickstart.yaml
 
 lint: venv ## ruff + mypy --strict + import contracts
-	$(VENV)/bin/ruff check operator trainer tests bench hack
-	$(VENV)/bin/ruff format --check operator trainer tests bench hack
+	$(VENV)/bin/ruff check operator trainer devcluster tests bench hack
+	$(VENV)/bin/ruff format --check operator trainer devcluster tests bench hack
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -69,13 +69,19 @@ chart-crds: crds ## alias: the chart installs AND upgrades the CRD from files/cr
 api-docs: venv ## regenerate docs/api-reference.md from the spec models
 	$(PY) hack/gen_api_docs.py
 
-images: ## build operator + trainer (cpu, cuda) images; needs a Docker engine (CI has none: exits 3 with a message)
+images: venv ## build every image with buildah, no Docker (IMAGES="operator trainer" for some); cached by content hash
+	$(PY) -m devcluster.images build $(IMAGES)
+
+images-docker: ## build operator + trainer (cpu, cuda) release images with a Docker engine (exits 3 without one)
 	bash hack/images.sh
+
+images-prune: venv ## drop all but the newest tags of each image from buildah's storage and the OCI layout
+	$(PY) -m devcluster.images prune
 
 kind-up: ## kind cluster from kind-config.yaml (1 control plane + 2 CPU workers); needs Docker + kind
 	bash hack/kind-demo.sh up
 
-kind-load: ## load the operator and CPU trainer images into kind (after make images)
+kind-load: ## load the operator and CPU trainer images into kind (after make images-docker)
 	bash hack/kind-demo.sh load
 
 kind-demo: venv ## MinIO, chart, SST-2 subset, quick-start job; waits for Succeeded; lists artifacts

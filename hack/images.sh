@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Build the container images: the operator and the trainer (cpu and cuda variants).
+# Build the release images with Docker: the operator and the trainer (cpu and cuda variants), on the official
+# python base image. Without a Docker engine, `make images` builds the same Dockerfiles with buildah on a Debian
+# base (devcluster/images.py, docs/images.md).
 #
-#   hack/images.sh                 # build all three
-#   IMAGE_PREFIX=registry.example.com/ml VERSION=0.1.0 hack/images.sh
+#   hack/images.sh                 # build all three (make images-docker)
+#   IMAGE_PREFIX=registry.example.com/ml VERSION=0.1.0 TORCH_CUDA=cu126 hack/images.sh
 #
-# Needs a running Docker (or a docker-compatible CLI such as podman's `docker` shim) engine. Our CI machines have
-# none, so there this script stops with a clear message and exit code 3 instead of pretending; the Dockerfiles
-# are linted there instead (tests/unit/test_dockerfiles.py, hadolint).
+# Needs a running Docker (or a docker-compatible CLI such as podman's `docker` shim) engine; without one it stops
+# with a clear message and exit code 3 instead of pretending.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +15,8 @@ cd "$ROOT"
 IMAGE_PREFIX="${IMAGE_PREFIX:-ghcr.io/finetune-operator}"
 VERSION="${VERSION:-$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)}"
 DOCKER="${DOCKER:-docker}"
+# The CUDA wheel index of the cuda variant; match it to the GPU nodes' driver.
+TORCH_CUDA="${TORCH_CUDA:-cu128}"
 if (($#)); then TARGETS=("$@"); else TARGETS=(operator trainer-cpu trainer-cuda); fi
 
 if ! command -v "$DOCKER" >/dev/null 2>&1; then
@@ -42,6 +45,7 @@ for t in "${TARGETS[@]}"; do
     trainer-cpu) build "$IMAGE_PREFIX/trainer:$VERSION" -f trainer/Dockerfile --target cpu -t "$IMAGE_PREFIX/trainer:$VERSION" ;;
     trainer-cuda)
       build "$IMAGE_PREFIX/trainer:$VERSION-cuda" -f trainer/Dockerfile --target cuda \
+        --build-arg "TORCH_INDEX_URL=https://download.pytorch.org/whl/$TORCH_CUDA" \
         -t "$IMAGE_PREFIX/trainer:$VERSION-cuda" ;;
     *) echo "unknown image $t (operator | trainer-cpu | trainer-cuda)" >&2; exit 2 ;;
   esac

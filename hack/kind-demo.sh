@@ -57,7 +57,7 @@ up() {
 load() {
   need "$KIND" "Install kind: https://kind.sigs.k8s.io/docs/user/quick-start/#installation"
   for image in "$OPERATOR_IMAGE" "$TRAINER_IMAGE"; do
-    docker image inspect "$image" >/dev/null 2>&1 || die "image $image not found locally; run 'make images' first."
+    docker image inspect "$image" >/dev/null 2>&1 || die "image $image not found locally; run 'make images-docker' first."
     log "loading $image into kind cluster $CLUSTER (the trainer image takes a minute) ..."
     "$KIND" load docker-image --name "$CLUSTER" "$image"
   done

@@ -1,0 +1,117 @@
+"""Fixtures for the image tests: images built once per session by devcluster.images (a warm run finds them all
+in buildah's storage), podman containers removed after each test, a private containerd, tiny trainer inputs.
+
+Every test here needs root, buildah, podman and runc (Debian's packages); elsewhere they are skipped with the
+reason. Building from cold takes a while (the trainer image is several GB): `make images` first shows progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from devcluster.images import Image, ensure_images
+from tests.images.podman import Containers
+
+logger = logging.getLogger("devcluster.images")
+TOOLS = ("buildah", "podman", "runc", "nsenter")
+
+
+def _missing_prerequisite() -> str | None:
+    if os.geteuid() != 0:
+        return "image builds and containers need root here (debootstrap, buildah's storage, runc)"
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    return f"missing {', '.join(missing)} (apt-get install buildah podman runc util-linux)" if missing else None
+
+
+@pytest.fixture(scope="session")
+def built() -> Callable[[str], Image]:
+    """`built(name)` ensures that image (and its base) exists and returns it."""
+    reason = _missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
+    images: dict[str, Image] = {}
+
+    def get(name: str) -> Image:
+        if name not in images:
+            images.update(ensure_images([name], log=logger.info))
+        return images[name]
+
+    return get
+
+
+@pytest.fixture
+def containers() -> Iterator[Containers]:
+    handle = Containers()
+    try:
+        yield handle
+    finally:
+        handle.remove_all()
+
+
+def open_tree(path: Path) -> Path:
+    """Make a test directory readable by a container's non-root user (pytest's tmp dirs are private to root)."""
+    for p in [path, *path.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    for parent in path.parents:
+        if parent == Path("/tmp") or parent == Path("/"):
+            break
+        parent.chmod(parent.stat().st_mode | 0o055)
+    return path
+
+
+CONTAINERD_CONFIG = """version = 2
+root = "{root}/root"
+state = "{root}/state"
+[grpc]
+  address = "{root}/containerd.sock"
+[ttrpc]
+  address = "{root}/containerd.sock.ttrpc"
+[debug]
+  address = "{root}/debug.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  # No CAP_SYS_RESOURCE here: a negative oom_score_adj would kill runc's init (see issue 8).
+  restrict_oom_score_adj = true
+"""
+
+
+@pytest.fixture
+def private_containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Debian's containerd with its own root, state and socket in a temp dir; yields the socket path."""
+    if shutil.which("containerd") is None or shutil.which("ctr") is None:
+        pytest.skip("containerd and ctr are not installed (apt-get install containerd)")
+    root = Path(tmp_path_factory.mktemp("containerd", numbered=True))
+    (root / "config.toml").write_text(CONTAINERD_CONFIG.format(root=root))
+    with (root / "containerd.log").open("w") as out:
+        proc = subprocess.Popen(["containerd", "--config", str(root / "config.toml")], stdout=out, stderr=out)
+    socket = root / "containerd.sock"
+    try:
+        deadline = time.monotonic() + 30
+        while not socket.exists():
+            assert proc.poll() is None, f"containerd exited: {(root / 'containerd.log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "containerd did not create its socket within 30 s"
+            time.sleep(0.1)
+        yield socket
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        # Snapshots stay mounted only while containers run (ctr run --rm removes ours); unmount any left over.
+        for mountpoint in sorted(_mounts_under(root), reverse=True):
+            subprocess.run(["umount", mountpoint], capture_output=True, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _mounts_under(root: Path) -> list[str]:
+    points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    return [p for p in points if p == str(root) or p.startswith(f"{root}/")]

