@@ -9,12 +9,12 @@ client (an import-linter contract enforces it); manifests are plain dicts in wir
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import yaml
 from finetune_trainer import contract
 from finetune_trainer import spec as ftspec
+from finetune_trainer.shape import PodShape, head_shape, worker_shape
 
 from finetune_operator import names
 from finetune_operator.settings import Settings
@@ -30,8 +30,6 @@ CONFIG_DIR = "/etc/finetune"
 CONFIG_FILE = "job.yaml"
 RAY_TMP_DIR = "/tmp/ray"
 PVC_ROOT = "/mnt/pvc"  # the trainer maps pvc://claim/path to <PVC_ROOT>/claim/path (finetune_trainer.storage)
-SHM_FRACTION = 0.3  # Ray's object store defaults to 30% of memory and lives in /dev/shm
-OBJECT_STORE_MIN = 80 * 2**20  # Ray refuses less than 75 MiB
 RUN_AS_USER = 1000
 GPU_RESOURCE = "nvidia.com/gpu"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -177,20 +175,6 @@ def build_network_policy(ident: names.JobIdentity, *, settings: Settings) -> Man
     }
 
 
-def _shm_mebibytes(memory: str) -> int:
-    return max(128, math.floor(ftspec.parse_quantity(memory) * SHM_FRACTION / 2**20))
-
-
-def shm_size(memory: str) -> str:
-    """/dev/shm for Ray's object store: SHM_FRACTION of the pod's memory (it counts against the limit), in Mi."""
-    return f"{_shm_mebibytes(memory)}Mi"
-
-
-def object_store_bytes(memory: str) -> int:
-    """Ray's object store, inside /dev/shm with headroom (Ray's default would be 30% of the *node's* RAM)."""
-    return max(OBJECT_STORE_MIN, int(_shm_mebibytes(memory) * 2**20 * 0.8))
-
-
 def _env(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> list[Manifest]:
     env: list[Manifest] = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -216,10 +200,10 @@ def _pvc_claim(spec: ftspec.FineTuneJobSpec) -> str | None:
     return None
 
 
-def _volumes(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity, memory: str) -> list[Manifest]:
+def _volumes(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity, shape: PodShape) -> list[Manifest]:
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": names.config_map_name(ident.name)}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(memory)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shape.shm_size}},
         {"name": "ray-tmp", "emptyDir": {}},
     ]
     claim = _pvc_claim(spec)
@@ -257,19 +241,27 @@ def _container_security() -> Manifest:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class PodTemplate:
+    """What differs between the head and a worker pod; everything else is common to both."""
+
+    name: str
+    labels: dict[str, str]
+    command: str
+    shape: PodShape
+    ports: tuple[Manifest, ...]
+    probe_port: int
+
+
+def _resources(shape: PodShape) -> Manifest:
+    amounts: dict[str, str] = {"cpu": shape.cpu, "memory": shape.memory}
+    if shape.gpus > 0:
+        amounts[GPU_RESOURCE] = str(shape.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
 def _pod(
-    spec: ftspec.FineTuneJobSpec,
-    *,
-    settings: Settings,
-    ident: names.JobIdentity,
-    name: str,
-    labels: dict[str, str],
-    command: str,
-    resources: Manifest,
-    memory: str,
-    gpus: int,
-    ports: list[Manifest],
-    probe: Manifest,
+    spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity, template: PodTemplate
 ) -> Manifest:
     pod_spec: Manifest = {
         "restartPolicy": "Never",
@@ -287,22 +279,26 @@ def _pod(
                 "name": "ray",
                 "image": spec.image or settings.trainer_image,
                 "imagePullPolicy": settings.image_pull_policy,
-                "command": ["/bin/sh", "-c", command],
+                "command": ["/bin/sh", "-c", template.command],
                 "env": _env(spec, ident),
-                "ports": ports,
-                "resources": resources,
+                "ports": list(template.ports),
+                "resources": _resources(template.shape),
                 "volumeMounts": _mounts(spec),
-                "readinessProbe": probe,
+                "readinessProbe": {
+                    "tcpSocket": {"port": template.probe_port},
+                    "periodSeconds": 5,
+                    "failureThreshold": 3,
+                },
                 "securityContext": _container_security(),
                 "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         ],
-        "volumes": _volumes(spec, ident=ident, memory=memory),
+        "volumes": _volumes(spec, ident=ident, shape=template.shape),
     }
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
-    tolerations = _tolerations(spec, gpus=gpus)
+    tolerations = _tolerations(spec, gpus=template.shape.gpus)
     if tolerations:
         pod_spec["tolerations"] = tolerations
     if spec.resources.affinity:
@@ -312,20 +308,13 @@ def _pod(
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": _metadata(name, ident=ident, labels=labels),
+        "metadata": _metadata(template.name, ident=ident, labels=template.labels),
         "spec": pod_spec,
     }
 
 
-def _requests_limits(*, cpu: str, memory: str, gpus: int) -> Manifest:
-    amounts: dict[str, str] = {"cpu": cpu, "memory": memory}
-    if gpus > 0:
-        amounts[GPU_RESOURCE] = str(gpus)
-    return {"requests": dict(amounts), "limits": dict(amounts)}
-
-
 HEAD_SCRIPT = """\
-ray start --head --block --port={gcs} --num-cpus=0 --node-ip-address=$POD_IP \\
+ray start --head --block --port={gcs} --num-cpus={cpus} --node-ip-address=$POD_IP \\
   --dashboard-host=0.0.0.0 --dashboard-port={dashboard} --object-store-memory={store} \\
   --temp-dir={tmp} --disable-usage-stats &
 ray_pid=$!
@@ -357,10 +346,12 @@ def head_command(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> str:
     (RAY_ADDRESS), never "auto" (which scans processes and can find another cluster). No --ray-client-server-port:
     the driver runs here and the trainer image need not carry ray[client].
     """
+    shape = head_shape(spec.resources)
     return HEAD_SCRIPT.format(
         gcs=RAY_GCS_PORT,
+        cpus=shape.ray_cpus,
         dashboard=RAY_DASHBOARD_PORT,
-        store=object_store_bytes(spec.resources.head.memory),
+        store=shape.object_store_bytes,
         tmp=RAY_TMP_DIR,
         config=f"{CONFIG_DIR}/{CONFIG_FILE}",
         run=ident.run_name,
@@ -370,55 +361,44 @@ def head_command(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> str:
 
 
 def worker_command(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> str:
-    """Join the head of this attempt and block; Ray's CLI takes whole CPUs, so fractional requests round down (>=1)."""
-    cpus = max(1, math.floor(spec.resources.cpus))
+    """Join the head of this attempt and block, advertising exactly the shape the trainer driver asks for."""
+    shape = worker_shape(spec.resources)
     return (
-        f"exec ray start --address={names.head_address(ident)}:{RAY_GCS_PORT} --num-cpus={cpus} "
-        f"--num-gpus={spec.resources.gpus_per_worker} --node-ip-address=$POD_IP "
-        f"--object-store-memory={object_store_bytes(spec.resources.memory_per_worker)} "
+        f"exec ray start --address={names.head_address(ident)}:{RAY_GCS_PORT} --num-cpus={shape.ray_cpus} "
+        f"--num-gpus={shape.gpus} --node-ip-address=$POD_IP --object-store-memory={shape.object_store_bytes} "
         f"--node-manager-port={RAY_NODE_MANAGER_PORT} --temp-dir={RAY_TMP_DIR} --disable-usage-stats --block"
     )
 
 
 def build_head_pod(spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity) -> Manifest:
-    head = spec.resources.head
-    return _pod(
-        spec,
-        settings=settings,
-        ident=ident,
+    template = PodTemplate(
         name=names.head_name(ident.name, ident.attempt),
         labels=names.pod_labels(ident, role=names.ROLE_HEAD),
         command=head_command(spec, ident),
-        resources=_requests_limits(cpu=head.cpu, memory=head.memory, gpus=0),
-        memory=head.memory,
-        gpus=0,
-        ports=[
+        shape=head_shape(spec.resources),
+        ports=(
             {"name": "gcs", "containerPort": RAY_GCS_PORT, "protocol": "TCP"},
             {"name": "client", "containerPort": RAY_CLIENT_PORT, "protocol": "TCP"},
             {"name": "dashboard", "containerPort": RAY_DASHBOARD_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
-        ],
-        probe={"tcpSocket": {"port": RAY_GCS_PORT}, "periodSeconds": 5, "failureThreshold": 3},
+        ),
+        probe_port=RAY_GCS_PORT,
     )
+    return _pod(spec, settings=settings, ident=ident, template=template)
 
 
 def build_worker_pod(
     spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity, index: int
 ) -> Manifest:
-    res = spec.resources
-    return _pod(
-        spec,
-        settings=settings,
-        ident=ident,
+    template = PodTemplate(
         name=names.worker_name(ident.name, ident.attempt, index),
         labels=names.pod_labels(ident, role=names.ROLE_WORKER, index=index),
         command=worker_command(spec, ident),
-        resources=_requests_limits(cpu=res.cpus_per_worker, memory=res.memory_per_worker, gpus=res.gpus_per_worker),
-        memory=res.memory_per_worker,
-        gpus=res.gpus_per_worker,
-        ports=[{"name": "raylet", "containerPort": RAY_NODE_MANAGER_PORT, "protocol": "TCP"}],
-        probe={"tcpSocket": {"port": RAY_NODE_MANAGER_PORT}, "periodSeconds": 5, "failureThreshold": 3},
+        shape=worker_shape(spec.resources),
+        ports=({"name": "raylet", "containerPort": RAY_NODE_MANAGER_PORT, "protocol": "TCP"},),
+        probe_port=RAY_NODE_MANAGER_PORT,
     )
+    return _pod(spec, settings=settings, ident=ident, template=template)
 
 
 def build_children(spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity) -> Rendered:
