@@ -28,7 +28,10 @@ RAY_NODE_MANAGER_PORT = 6380  # fixed on workers so a cheap TCP readiness probe 
 METRICS_PORT = contract.DEFAULT_METRICS_PORT
 CONFIG_DIR = "/etc/finetune"
 CONFIG_FILE = "job.yaml"
-RAY_TMP_DIR = "/tmp/ray"
+# The root filesystem is read-only; these emptyDirs are the only writable paths (besides /dev/shm).
+RAY_TMP_DIR = "/tmp/ray"  # Ray's --temp-dir: sessions, logs, sockets
+SCRATCH_DIR = "/tmp/scratch"  # $TMPDIR (tempfile, s3:// model downloads) and $HOME (torch/matplotlib caches)
+HOME_DIR = f"{SCRATCH_DIR}/home"
 PVC_ROOT = "/mnt/pvc"  # the trainer maps pvc://claim/path to <PVC_ROOT>/claim/path (finetune_trainer.storage)
 RUN_AS_USER = 1000
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -184,6 +187,10 @@ def _env(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> list[Manifes
         {"name": "RAY_AUTH_MODE", "value": "disabled"},
         # Ray's C++ gRPC uses c-ares, which ignores /etc/hosts entries; getaddrinfo honours them (harmless in k8s).
         {"name": "GRPC_DNS_RESOLVER", "value": "native"},
+        # The root filesystem is read-only: temporary files and the caches tools keep under $HOME go to an
+        # emptyDir. The image's Hugging Face cache ($HF_HOME, seeded at build) stays where the image put it.
+        {"name": "TMPDIR", "value": SCRATCH_DIR},
+        {"name": "HOME", "value": HOME_DIR},
         {"name": "FINETUNE_RUN_NAME", "value": ident.run_name},
         {"name": "FINETUNE_PVC_ROOT", "value": PVC_ROOT},
     ]
@@ -203,8 +210,10 @@ def _pvc_claim(spec: ftspec.FineTuneJobSpec) -> str | None:
 def _volumes(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity, shape: PodShape) -> list[Manifest]:
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": names.config_map_name(ident.name)}},
+        # Ray's object store: memory-backed, sized from the same shape as --object-store-memory.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shape.shm_size}},
         {"name": "ray-tmp", "emptyDir": {}},
+        {"name": "scratch", "emptyDir": {}},
     ]
     claim = _pvc_claim(spec)
     if claim:
@@ -217,6 +226,7 @@ def _mounts(spec: ftspec.FineTuneJobSpec) -> list[Manifest]:
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "ray-tmp", "mountPath": RAY_TMP_DIR},
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
     ]
     claim = _pvc_claim(spec)
     if claim:
@@ -233,11 +243,14 @@ def _tolerations(spec: ftspec.FineTuneJobSpec, *, gpus: int) -> list[Manifest]:
 
 
 def _container_security() -> Manifest:
+    """Restricted Pod Security Standard, plus a read-only root filesystem (writable paths are emptyDirs)."""
     return {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
         "runAsNonRoot": True,
         "runAsUser": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 

@@ -10,6 +10,7 @@ import yaml
 from finetune_operator import builders, names
 from finetune_operator.settings import Settings
 from finetune_trainer import spec as ftspec
+from finetune_trainer.shape import head_shape, worker_shape
 
 IDENT = names.JobIdentity(name="sst2", namespace="team-a", uid="0123abcd-0000-1111-2222-333344445555", attempt=2)
 SETTINGS = Settings(
@@ -149,23 +150,32 @@ def test_common_metadata_on_every_child() -> None:
 
 
 def test_pods_are_hardened_and_report_failures() -> None:
+    """Restricted pod security plus a read-only root filesystem: every path Ray and the trainer write is an emptyDir."""
     rendered = builders.build_children(_spec(), settings=SETTINGS, ident=IDENT)
-    for pod in (rendered.head, *rendered.workers):
+    for pod, shape in ((rendered.head, head_shape), *((w, worker_shape) for w in rendered.workers)):
         spec = pod["spec"]
         assert spec["restartPolicy"] == "Never"
-        assert spec["automountServiceAccountToken"] is False
+        assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         c = _container(pod)
         assert c["securityContext"] == {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
             "runAsUser": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
         }
         assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert c["readinessProbe"]["tcpSocket"]["port"] in {6379, 6380}
-        shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
-        assert shm["emptyDir"]["medium"] == "Memory"
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        writable = {m["mountPath"] for m in c["volumeMounts"] if "emptyDir" in volumes[m["name"]]}
+        assert writable == {"/dev/shm", "/tmp/ray", "/tmp/scratch"}
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": shape(_spec().resources).shm_size}
+        env = _env(pod)
+        assert env["TMPDIR"] == "/tmp/scratch" and env["HOME"].startswith("/tmp/scratch/")
+        assert "--temp-dir=/tmp/ray" in c["command"][-1]
 
 
 def test_head_runs_ray_then_trainer_and_workers_join_this_attempt() -> None:
