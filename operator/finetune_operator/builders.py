@@ -154,14 +154,20 @@ def build_network_policy(ident: names.JobIdentity, *, settings: Settings) -> Man
     Ray has no authentication: anything that reaches the GCS or client port can run code in the job's pods.
     Port 8000 (trainer metrics, read-only) stays open so Prometheus can scrape it from its own namespace.
     """
-    job_pods = {"podSelector": {"matchLabels": {names.LABEL_JOB: ident.name, names.LABEL_MANAGED_BY: names.MANAGER}}}
+    job_pods = {
+        "podSelector": {
+            "matchLabels": {names.LABEL_JOB: names.job_label(ident.name), names.LABEL_MANAGED_BY: names.MANAGER}
+        }
+    }
     operator_pods = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(settings.operator_pod_labels)}}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": _metadata(names.network_policy_name(ident.name), ident=ident, labels=names.job_labels(ident.name)),
         "spec": {
-            "podSelector": {"matchLabels": {names.LABEL_JOB: ident.name, names.LABEL_MANAGED_BY: names.MANAGER}},
+            "podSelector": {
+                "matchLabels": {names.LABEL_JOB: names.job_label(ident.name), names.LABEL_MANAGED_BY: names.MANAGER}
+            },
             "policyTypes": ["Ingress"],
             "ingress": [
                 {"from": [job_pods]},

@@ -5,7 +5,7 @@ module turns their JSON Schema into a *structural* OpenAPI v3 schema (no $ref, a
 anyOf-of-types) and adds what only Kubernetes understands, keyed by field path: CEL rules, int-or-string
 quantities, preserve-unknown-fields for embedded Kubernetes types, and bounds that keep CEL cost estimates low.
 
-Encoding choices (documented in docs/api.md):
+Encoding choices (documented in docs/operator.md, "API encoding choices"):
 - Optional fields are not `nullable`: the API server drops an explicit `null`, which means "unset" to the model.
 - spec.hyperparameters.learningRate accepts a number or a string ("2e-5"). A structural schema cannot say
   "number or string" (x-kubernetes-int-or-string rejects 2.0e-5), so the field carries no type
@@ -261,7 +261,6 @@ def build_crd() -> Schema:
     """The complete apiextensions.k8s.io/v1 CustomResourceDefinition."""
     spec = spec_schema()
     spec["description"] = "Desired fine-tuning run: model, data, adaptation method, resources and lifecycle."
-    name_rule = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
     root: Schema = {
         "type": "object",
         "description": "FineTuneJob adapts a pretrained model to a data set on a Ray Train cluster.",
@@ -273,14 +272,9 @@ def build_crd() -> Schema:
             "spec": spec,
             "status": status_schema(),
         },
+        # No rule on metadata.name: the API server accepts any DNS subdomain and every one of them works (child
+        # names are shortened with a hash, names.child_base).
         "x-kubernetes-validations": [
-            {
-                "rule": f"size(self.metadata.name) <= {names.MAX_JOB_NAME} && "
-                f"self.metadata.name.matches('{name_rule}')",
-                "message": f"metadata.name must be a DNS label of at most {names.MAX_JOB_NAME} characters starting "
-                "with a letter (it prefixes the names of the job's pods and Service)",
-                "reason": "FieldValueInvalid",
-            },
             immutability_rule(spec),
         ],
     }

@@ -37,16 +37,24 @@ async def on_job_event(
         await _safe(ctx, namespace=namespace, name=name, logger=logger)
 
 
+def owning_job(meta: Mapping[str, Any]) -> str | None:
+    """The FineTuneJob that controls a pod (its ownerReference: the job label may be a shortened name)."""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == names.KIND and ref.get("apiVersion") == names.API_VERSION and ref.get("controller"):
+            return str(ref.get("name"))
+    return None
+
+
 async def on_pod_event(
     *,
-    labels: Mapping[str, str],
+    meta: Mapping[str, Any],
     namespace: str | None,
     memo: Any,
     logger: logging.Logger | logging.LoggerAdapter[Any],
     **_: Any,
 ) -> None:
     """A child pod changed (scheduled, ready, exited, deleted): reconcile its job at once."""
-    job = labels.get(names.LABEL_JOB)
+    job = owning_job(meta)
     if job and namespace:
         await _safe(_ctx(memo), namespace=namespace, name=job, logger=logger)
 

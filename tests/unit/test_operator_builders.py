@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import pytest
@@ -240,10 +241,52 @@ def test_ray_environment_avoids_known_pod_pitfalls() -> None:
     assert "RAY_ADDRESS=$POD_IP:6379 finetune train" in head_cmd
 
 
-def test_names_fit_dns_labels_at_the_limits() -> None:
-    longest = "a" * names.MAX_JOB_NAME
-    assert len(names.worker_name(longest, names.MAX_ATTEMPT, 1023)) == 63
-    assert len(names.head_name(longest, names.MAX_ATTEMPT)) <= 63
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class NameCase:
+    name: str
+    job: str
+    base: str | None = None  # expected child base when it is the name itself
+
+
+NAME_CASES = [
+    NameCase("short name is kept", "sst2", "sst2"),
+    NameCase("45 characters are kept", "a" * 45, "a" * 45),
+    NameCase("46 characters are hashed", "a" * 46),
+    NameCase("115 characters", "sst2-minilm-lr2e-5-bs32-seed42-" + "x" * 84),
+    NameCase("253 characters with dots", ("x" * 62 + ".") * 3 + "y" * 61),
+    NameCase("dots", "sst2.minilm"),
+    NameCase("starts with a digit", "9job"),
+]
+
+
+@pytest.mark.parametrize("case", NAME_CASES, ids=[c.name for c in NAME_CASES])
+def test_every_valid_job_name_gives_valid_child_names(case: NameCase) -> None:
+    base = names.child_base(case.job)
+    if case.base is not None:
+        assert base == case.base
+    assert DNS_LABEL.match(base) and len(base) <= names.MAX_BASE
+    assert base == names.child_base(case.job)  # stable
+    ident = names.JobIdentity(name=case.job, namespace="ns", uid="0123abcd-0000", attempt=names.MAX_ATTEMPT)
+    spec = _spec(resources={"workers": 3})
+    rendered = builders.build_children(spec, settings=SETTINGS, ident=ident)
+    for obj in rendered.all():
+        assert DNS_LABEL.match(obj["metadata"]["name"]) and len(obj["metadata"]["name"]) <= 63, obj["metadata"]
+        for value in obj["metadata"]["labels"].values():
+            assert LABEL_VALUE.match(value) and len(value) <= 63, value
+        assert obj["metadata"]["ownerReferences"][0]["name"] == case.job
+    assert len(names.worker_name(case.job, names.MAX_ATTEMPT, names.MAX_WORKER_INDEX)) <= 63
+    job = ftspec.parse_job(yaml.safe_load(rendered.config_map["data"]["job.yaml"]))
+    assert job.metadata.name == case.job  # the trainer reads the full name
+
+
+def test_long_names_sharing_a_prefix_get_different_children() -> None:
+    prefix = "sst2-minilm-lr2e-5-bs32-seed42-" + "x" * 40
+    assert names.child_base(prefix + "-a") != names.child_base(prefix + "-b")
+    assert names.child_base(prefix + "-a").startswith("sst2-minilm-lr2e-5")
 
 
 def test_artifacts_follow_the_contract_layout() -> None:

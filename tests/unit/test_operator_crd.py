@@ -82,7 +82,6 @@ def _rules(path: str) -> list[str]:
         (".spec.output.uri", "self.startsWith('s3://')"),
         (".spec.resources.cpusPerWorker", "self > 0"),
         ("", "oldSelf.spec.model"),
-        ("", "size(self.metadata.name) <= 45"),
     ],
 )
 def test_cel_rules_present(path: str, needle: str) -> None:

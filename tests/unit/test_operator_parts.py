@@ -254,3 +254,13 @@ def test_per_job_series_are_removed_when_the_job_is_deleted() -> None:
 def test_settings_reference_is_documented() -> None:
     doc = (REPO / "docs" / "operator.md").read_text(encoding="utf-8")
     assert settings_table() in doc, "docs/operator.md drifted from Settings: regenerate its settings table"
+
+
+def test_pod_events_find_their_job_by_owner_reference_not_by_label() -> None:
+    from finetune_operator.handlers import owning_job  # noqa: PLC0415  (kopf import only here)
+
+    long_name = "sst2-minilm-lr2e-5-bs32-seed42-" + "x" * 84
+    ref = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": long_name, "controller": True}
+    assert owning_job({"labels": {"finetune.dev/job": "shortened"}, "ownerReferences": [ref]}) == long_name
+    assert owning_job({"ownerReferences": [{**ref, "kind": "ReplicaSet"}]}) is None
+    assert owning_job({}) is None
