@@ -17,6 +17,8 @@ import kopf
 from finetune_operator import names
 from finetune_operator.services.reconcile import ConflictError, Context, reconcile
 
+POD_SELECTOR = ",".join(f"{k}={v}" for k, v in sorted(names.MANAGED_SELECTOR.items()))
+
 
 def _ctx(memo: Any) -> Context:
     ctx: Context = memo["ctx"]
@@ -88,6 +90,9 @@ def kopf_settings(*, max_workers: int) -> kopf.OperatorSettings:
     settings.posting.enabled = False  # we post our own, purposeful Events
     settings.scanning.disabled = True  # no CRD/namespace watching: fewer permissions, the CRD is installed first
     settings.execution.max_workers = max_workers
+    # The pod watch asks the API server for our pods only (kopf's handler label filter alone is client-side: the
+    # operator would stream every pod of the cluster).
+    settings.watching.label_selectors["", "v1", "pods"] = POD_SELECTOR
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10]
