@@ -18,6 +18,7 @@ from finetune_trainer.shape import PodShape, head_shape, worker_shape
 
 from finetune_operator import names
 from finetune_operator.settings import Settings
+from finetune_operator.status_model import OperatorDefaults
 
 Manifest = dict[str, Any]
 
@@ -36,6 +37,13 @@ PVC_ROOT = "/mnt/pvc"  # the trainer maps pvc://claim/path to <PVC_ROOT>/claim/p
 RUN_AS_USER = 1000
 GPU_RESOURCE = "nvidia.com/gpu"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Several pods write a cluster job's checkpoints and artifacts: only shared object storage works. (file:// and local
+# paths are for `finetune run`; on a cluster rank 0 would write into its own pod and the job fail at the very end.)
+CLUSTER_OUTPUT_SCHEMES = ("s3://",)
+CLUSTER_OUTPUT_MESSAGE = (
+    "{uri!r}: a cluster job needs shared object storage (s3://bucket/prefix/); file:// and local paths are written "
+    "inside one pod and lost with it (they work with `finetune run` only)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +60,27 @@ class Rendered:
         return [self.config_map, self.network_policy, self.service, self.head, *self.workers]
 
 
+def operator_defaults(settings: Settings) -> OperatorDefaults:
+    """The settings a job's unset fields are resolved from (pinned into the job's status at its first reconcile)."""
+    return OperatorDefaults(
+        output_base_uri=settings.output_base_uri,
+        trainer_image=settings.trainer_image,
+        storage_endpoint=settings.storage_endpoint,
+        storage_region=settings.storage_region,
+        storage_credentials_secret=settings.storage_credentials_secret,
+    )
+
+
 def resolve_spec(
-    spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity
+    spec: ftspec.FineTuneJobSpec, *, defaults: OperatorDefaults, ident: names.JobIdentity
 ) -> ftspec.FineTuneJobSpec:
-    """Fill the operator's defaults (output, storage) into the spec; SpecError if a required default is missing.
+    """Fill the operator's defaults (output, image, storage) into the spec; SpecError if it cannot run on a cluster.
 
     The result is what the trainer runs, so it is written into the ConfigMap: one resolved source of truth.
     """
     output = spec.output.uri
     if output is None:
-        if not settings.output_base_uri:
+        if not defaults.output_base_uri:
             raise ftspec.SpecError(
                 [
                     (
@@ -71,17 +90,25 @@ def resolve_spec(
                     )
                 ]
             )
-        output = f"{settings.output_base_uri.rstrip('/')}/{ident.namespace}/{ident.name}/"
+        output = f"{defaults.output_base_uri.rstrip('/')}/{ident.namespace}/{ident.name}/"
+    if not output.startswith(CLUSTER_OUTPUT_SCHEMES):
+        raise ftspec.SpecError([("spec.output.uri", CLUSTER_OUTPUT_MESSAGE.format(uri=output))])
     storage = spec.storage.model_copy(
         update={
-            "endpoint": spec.storage.endpoint or settings.storage_endpoint,
+            "endpoint": spec.storage.endpoint or defaults.storage_endpoint,
             "region": spec.storage.region
-            if "region" in spec.storage.model_fields_set or not settings.storage_region
-            else settings.storage_region,
-            "credentials_secret": spec.storage.credentials_secret or settings.storage_credentials_secret,
+            if "region" in spec.storage.model_fields_set or not defaults.storage_region
+            else defaults.storage_region,
+            "credentials_secret": spec.storage.credentials_secret or defaults.storage_credentials_secret,
         }
     )
-    resolved = spec.model_copy(update={"output": ftspec.OutputSpec(uri=output), "storage": storage})
+    resolved = spec.model_copy(
+        update={
+            "output": ftspec.OutputSpec(uri=output),
+            "storage": storage,
+            "image": spec.image or defaults.trainer_image,
+        }
+    )
     # Round-trip through validation so a bad operator default is reported like a bad field.
     return ftspec.parse_spec(resolved.wire())
 

@@ -44,7 +44,6 @@ _URI_RULES: dict[str, tuple[tuple[str, ...], bool]] = {
     "spec.model.uri": (ftspec.MODEL_URI_SCHEMES, True),
     "spec.dataset.train": (ftspec.DATA_URI_SCHEMES, True),
     "spec.dataset.validation": (ftspec.DATA_URI_SCHEMES, True),
-    "spec.output.uri": (ftspec.OUTPUT_URI_SCHEMES, True),
 }
 _QUANTITIES = {
     "spec.resources.cpusPerWorker",
@@ -84,6 +83,14 @@ _EXTRA_RULES: dict[str, list[Schema]] = {
             "reason": "FieldValueInvalid",
         }
     ],
+}
+# On a cluster several pods write checkpoints and artifacts: only shared object storage works. `finetune run` (no
+# cluster, no CRD) keeps accepting file:// and local paths through the spec model.
+_CLUSTER_OUTPUT_RULE = {
+    "rule": "self.startsWith('s3://') && !self.endsWith('://')",
+    "message": "a cluster job needs shared object storage: spec.output.uri must be s3://bucket/prefix/ (file:// and "
+    "local paths are written inside one pod and lost with it; they work with `finetune run` only)",
+    "reason": "FieldValueInvalid",
 }
 _QUANTITY_POSITIVE = {
     "rule": "type(self) == int ? self > 0 : !self.matches('^0+(\\\\.0+)?[a-zA-Z]*$')",
@@ -158,6 +165,8 @@ class _Converter:
         if path in _URI_RULES:
             schemes, local = _URI_RULES[path]
             rules.append(_uri_rule(schemes, local_path=local))
+        if path == "spec.output.uri":
+            rules.append(dict(_CLUSTER_OUTPUT_RULE))
         if rules:
             out["x-kubernetes-validations"] = out.get("x-kubernetes-validations", []) + rules
         return out

@@ -27,7 +27,7 @@ BASE: dict[str, Any] = {"model": {"uri": "hf://org/model"}, "dataset": {"train":
 
 def _spec(**overrides: Any) -> ftspec.FineTuneJobSpec:
     data = {**BASE, **overrides}
-    return builders.resolve_spec(ftspec.parse_spec(data), settings=SETTINGS, ident=IDENT)
+    return builders.resolve_spec(ftspec.parse_spec(data), defaults=builders.operator_defaults(SETTINGS), ident=IDENT)
 
 
 def _container(pod: dict[str, Any]) -> dict[str, Any]:
@@ -214,7 +214,9 @@ def test_job_values_win_over_operator_defaults() -> None:
 
 def test_missing_output_without_default_is_invalid_spec() -> None:
     with pytest.raises(ftspec.SpecError) as error:
-        builders.resolve_spec(ftspec.parse_spec(BASE), settings=Settings(identity="x"), ident=IDENT)
+        builders.resolve_spec(
+            ftspec.parse_spec(BASE), defaults=builders.operator_defaults(Settings(identity="x")), ident=IDENT
+        )
     assert error.value.errors[0][0] == "spec.output.uri"
 
 

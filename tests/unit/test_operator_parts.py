@@ -69,7 +69,8 @@ METRICS_TEXT = f"""# HELP {contract.Metric.STEP} steps
 def test_parse_trainer_metrics() -> None:
     sample = parse_trainer_metrics(METRICS_TEXT)
     assert (sample.step, sample.total_steps, sample.resumed_from_step) == (120, 400, 100)
-    assert sample.eval_metric == pytest.approx(0.87) and sample.eval_metric_name == "eval_accuracy"
+    assert sample.eval_metrics == {"eval_accuracy": pytest.approx(0.87)}
+    assert sample.watched("eval_accuracy") == ("eval_accuracy", pytest.approx(0.87))
     assert sample.trainer_phase is contract.TrainerPhase.TRAINING
     assert parse_trainer_metrics("").step is None
 
@@ -264,3 +265,15 @@ def test_pod_events_find_their_job_by_owner_reference_not_by_label() -> None:
     assert owning_job({"labels": {"finetune.dev/job": "shortened"}, "ownerReferences": [ref]}) == long_name
     assert owning_job({"ownerReferences": [{**ref, "kind": "ReplicaSet"}]}) is None
     assert owning_job({}) is None
+
+
+def test_the_pod_watch_is_filtered_by_the_api_server() -> None:
+    import kopf  # noqa: PLC0415
+    from finetune_operator.handlers import kopf_settings  # noqa: PLC0415
+
+    settings = kopf_settings(max_workers=4)
+    pods = kopf.Resource(group="", version="v1", plural="pods", kind="Pod", namespaced=True)
+    jobs = kopf.Resource(group="finetune.dev", version="v1alpha1", plural="finetunejobs", namespaced=True)
+    selector = settings.watching.label_selectors.collect(pods)
+    assert selector == ["app.kubernetes.io/managed-by=finetune-operator,app.kubernetes.io/name=finetune-job"]
+    assert settings.watching.label_selectors.collect(jobs) == []

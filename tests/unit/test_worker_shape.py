@@ -66,7 +66,7 @@ def test_the_pod_advertises_what_the_driver_asks_for(case: Case) -> None:
         ftspec.parse_spec(
             {"model": {"uri": "hf://o/m"}, "dataset": {"train": "s3://d/t.csv"}, "resources": case.resources}
         ),
-        settings=SETTINGS,
+        defaults=builders.operator_defaults(SETTINGS),
         ident=IDENT,
     )
     worker = builders.build_worker_pod(spec, settings=SETTINGS, ident=IDENT, index=0)
