@@ -455,6 +455,7 @@ def _fail(attempt: _Attempt, failure: LastFailure, *, message: str | None = None
         outcome=Outcome(Phase.FAILED, failure.reason, message or failure.message),
         events=attempt.events,
         cluster=attempt.cluster,
+        creation_problem=failure.reason in reasons.CREATION_PROBLEMS,  # the condition keeps saying what was refused
     )
 
 

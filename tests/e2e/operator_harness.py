@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_operator import rbac
+from finetune_operator import names, rbac
 from finetune_operator.app import run_operator
 from finetune_operator.settings import Settings
 from kubernetes import client as k8s
@@ -190,7 +190,7 @@ class Jobs:
     def pods(self, name: str) -> dict[str, dict[str, Any]]:
         with self.cluster.api() as api:
             items = call_json(
-                k8s.CoreV1Api(api).list_namespaced_pod, self.namespace, label_selector=f"finetune.dev/job={name}"
+                k8s.CoreV1Api(api).list_namespaced_pod, self.namespace, label_selector=names.job_selector(name)
             )["items"]
         return {p["metadata"]["name"]: p for p in items}
 

@@ -93,6 +93,11 @@ def _not_failed(plan: st.Plan) -> None:
     assert plan.status.completion_time is None and not plan.actions.delete_cluster
 
 
+def _replica_failure_kept(plan: st.Plan) -> None:
+    cond = plan.status.condition(ConditionType.REPLICA_FAILURE)
+    assert cond is not None and cond.status == "True" and "exceeded quota" in cond.message
+
+
 def _kept_step(plan: st.Plan) -> None:
     assert plan.status.progress is not None and plan.status.progress.step == 50
 
@@ -264,6 +269,7 @@ CASES = [
         ),
         Phase.FAILED,
         "FailedCreate",
+        lambda plan: _replica_failure_kept(plan),
     ),
 ]
 
