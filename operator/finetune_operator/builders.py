@@ -115,7 +115,7 @@ def resolve_spec(
 
 def owner_reference(ident: names.JobIdentity) -> Manifest:
     return {
-        "apiVersion": names.API_VERSION,
+        "apiVersion": names.GROUP_VERSION,
         "kind": names.KIND,
         "name": ident.name,
         "uid": ident.uid,
@@ -137,7 +137,7 @@ def _metadata(name: str, *, ident: names.JobIdentity, labels: dict[str, str]) ->
 def build_config_map(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity) -> Manifest:
     """The resolved FineTuneJob manifest the trainer reads from /etc/finetune/job.yaml (no secrets in it)."""
     document = {
-        "apiVersion": names.API_VERSION,
+        "apiVersion": names.GROUP_VERSION,
         "kind": names.KIND,
         "metadata": {"name": ident.name, "namespace": ident.namespace},
         "spec": spec.wire(),

@@ -275,7 +275,7 @@ def build_crd() -> Schema:
         "description": "FineTuneJob adapts a pretrained model to a data set on a Ray Train cluster.",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string", "description": "finetune.dev/v1alpha1"},
+            "apiVersion": {"type": "string", "description": names.GROUP_VERSION},
             "kind": {"type": "string", "description": "FineTuneJob"},
             "metadata": {"type": "object"},
             "spec": spec,
@@ -321,7 +321,7 @@ def build_crd() -> Schema:
             },
             "versions": [
                 {
-                    "name": ftspec.API_VERSION,
+                    "name": names.VERSION,
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},

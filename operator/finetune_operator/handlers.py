@@ -42,7 +42,7 @@ async def on_job_event(
 def owning_job(meta: Mapping[str, Any]) -> str | None:
     """The FineTuneJob that controls a pod (its ownerReference: the job label may be a shortened name)."""
     for ref in meta.get("ownerReferences") or []:
-        if ref.get("kind") == names.KIND and ref.get("apiVersion") == names.API_VERSION and ref.get("controller"):
+        if ref.get("kind") == names.KIND and ref.get("apiVersion") == names.GROUP_VERSION and ref.get("controller"):
             return str(ref.get("name"))
     return None
 
@@ -80,7 +80,7 @@ def build_registry(*, connection: kopf.ConnectionInfo) -> kopf.OperatorRegistry:
         return connection
 
     kopf.on.login(registry=registry)(login)
-    kopf.on.event(names.GROUP, "v1alpha1", names.PLURAL, registry=registry)(on_job_event)
+    kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=registry)(on_job_event)
     kopf.on.event("", "v1", "pods", labels=dict(names.MANAGED_SELECTOR), registry=registry)(on_pod_event)
     return registry
 

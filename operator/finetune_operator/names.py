@@ -21,7 +21,8 @@ import re
 from finetune_trainer import spec as ftspec
 
 GROUP = ftspec.API_GROUP
-API_VERSION = f"{ftspec.API_GROUP}/{ftspec.API_VERSION}"
+VERSION = ftspec.API_VERSION  # "v1alpha1"
+GROUP_VERSION = f"{GROUP}/{VERSION}"  # an object's apiVersion: "finetune.dev/v1alpha1"
 KIND = ftspec.KIND
 PLURAL = ftspec.PLURAL
 

@@ -269,7 +269,7 @@ CASES = [
         ),
         Phase.FAILED,
         "FailedCreate",
-        lambda plan: _replica_failure_kept(plan),
+        _replica_failure_kept,
     ),
 ]
 

@@ -24,9 +24,8 @@ CHILD_KINDS = ("ConfigMap", "NetworkPolicy", "Service", "Pod")
 _GROUP_KINDS = {
     "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "Lease": ("coordination.k8s.io/v1", "leases"),
-    names.KIND: (names.API_VERSION, names.PLURAL),
+    names.KIND: (names.GROUP_VERSION, names.PLURAL),
 }
-JOBS_PATH = f"/apis/{names.API_VERSION}"
 
 
 class ApiError(Exception):

@@ -150,7 +150,7 @@ async def _event(ctx: Context, *, job: Body, event: st.Event) -> None:
         "kind": "Event",
         "metadata": {"generateName": f"{names.child_base(meta['name'])}.", "namespace": meta["namespace"]},
         "involvedObject": {
-            "apiVersion": names.API_VERSION,
+            "apiVersion": names.GROUP_VERSION,
             "kind": names.KIND,
             "name": meta["name"],
             "namespace": meta["namespace"],
