@@ -294,7 +294,7 @@ def build_crd() -> Schema:
             "name": "Metric",
             "type": "number",
             "jsonPath": ".status.progress.evalMetric",
-            "description": "Last evaluation metric",
+            "description": "Watched evaluation metric (earlyStopping.metric, else the task default)",
         },
         {"name": "Workers", "type": "string", "jsonPath": ".status.cluster.ready", "description": "Ready workers"},
         {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
