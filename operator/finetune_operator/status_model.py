@@ -23,16 +23,22 @@ TRUNCATED = " …[truncated]"
 ATTEMPTS_KEPT = 20  # status.attempts keeps the latest ones
 
 
+def _size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
 def clip(text: str, limit: int = STRING_MAX) -> str:
-    """text, or its head plus a marker, within `limit` characters (the API server counts characters)."""
-    if len(text) <= limit:
+    """text, or its head plus a marker, within `limit` UTF-8 bytes (a bound on characters too, whichever the API
+    server counts)."""
+    if _size(text) <= limit:
         return text
-    return text[: max(0, limit - len(TRUNCATED))] + TRUNCATED
+    room = max(0, limit - _size(TRUNCATED))
+    return text.encode("utf-8")[:room].decode("utf-8", errors="ignore") + TRUNCATED
 
 
 def clip_with_suffix(detail: str, suffix: str, limit: int = STRING_MAX) -> str:
     """detail + suffix within `limit`, shortening the detail so that the suffix (advice, counts) survives."""
-    return clip(detail, max(len(TRUNCATED), limit - len(suffix))) + suffix
+    return clip(detail, max(_size(TRUNCATED), limit - _size(suffix))) + suffix
 
 
 def rfc3339(moment: dt.datetime) -> str:

@@ -431,3 +431,16 @@ def test_quality_gate_failure_is_not_retried() -> None:
     )
     assert (plan.status.phase, plan.status.reason, plan.status.attempt) == (Phase.FAILED, "QualityGateFailed", 1)
     assert "0.70" in (plan.status.message or "")
+
+
+@pytest.mark.parametrize("text", ["x" * 5000, "é" * 3000, "标签" * 1500, "a" * 4096, "ü" * 2048], ids=len)
+def test_status_text_fits_in_bytes_and_characters(text: str) -> None:
+    s = Status(
+        message=text,
+        conditions=[
+            Condition(type=ConditionType.READY, status="False", reason="R", message=text, last_transition_time=ts(0))
+        ],
+    )
+    for value in (s.message or "", s.conditions[0].message):
+        assert len(value.encode("utf-8")) <= 4096
+        assert value == text or value.endswith("…[truncated]")
