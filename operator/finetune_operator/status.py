@@ -263,10 +263,8 @@ def _succeeded(attempt: _Attempt, head: PodView) -> Plan:
     progress = progress_of(obs, spec)
     if progress is not None and progress.total_steps:
         total = progress.total_steps
-        progress = progress.model_copy(
-            update={"step": max(progress.step or 0, total), "percent": 100, "summary": f"{total}/{total} (100%)"}
-        )
-        progress = progress.model_copy(update={"eta": None})
+        done = {"step": max(progress.step or 0, total), "percent": 100, "summary": f"{total}/{total} (100%)"}
+        progress = progress.model_copy(update={**done, "eta": None})
     base = attempt.base.model_copy(update={"artifacts": obs.artifacts, "progress": progress, "result": _result(report)})
     base = _end_attempt(base, reason="Succeeded", now=attempt.now, resumed=_resumed(report))
     events = list(attempt.events)
@@ -516,9 +514,11 @@ def _repair(attempt: _Attempt) -> tuple[Status, Actions, tuple[Event, ...]]:
     failed = [p for p in attempt.workers.values() if p.finished and not p.deleting]
     events = list(attempt.events)
     for pod in failed:
-        failure = failure_of(pod, log_tail=obs.log_tails.get(pod.name, ()), now=attempt.now)
-        base = base.model_copy(update={"last_failure": failure})
-        why = f"{failure.reason}: {failure.message}"
+        why = pod.container.reason or pod.phase
+        if pod.phase == "Failed":  # a worker that exited 0 (its head went away) is replaced, not a failure
+            failure = failure_of(pod, log_tail=obs.log_tails.get(pod.name, ()), now=attempt.now)
+            base = base.model_copy(update={"last_failure": failure})
+            why = f"{failure.reason}: {failure.message}"
         events.append(
             Event("Warning", "WorkerReplaced", clip(f"worker pod {pod.name} ended ({why}); re-creating it", 1024))
         )
@@ -712,7 +712,7 @@ def record_creation_problem(
         update |= {"reason": problem.reason, "message": problem.message}
     new = status.model_copy(update=update)
     changed = not same or old is None or old.message != problem.message
-    events = (Event("Warning", problem.reason, clip(problem.message, EVENT_MESSAGE_MAX)),) if changed else ()
+    events = (_with_advice(Event("Warning", problem.reason, problem.message)),) if changed else ()
     return new, events
 
 
@@ -808,7 +808,15 @@ def _events_for(old: Status, new: Status, extra: Sequence[Event]) -> tuple[Event
         events.append(Event(kind, new.reason or new.phase.value, new.message or f"job is {new.phase.value}"))
     elif new.reason != old.reason and new.reason in {reasons.UNSCHEDULABLE, *reasons.PENDING_TROUBLE}:
         events.append(Event("Warning", new.reason or "", new.message or ""))
-    return tuple(Event(e.type, e.reason, clip(e.message, EVENT_MESSAGE_MAX)) for e in events)
+    return tuple(_with_advice(e) for e in events)
+
+
+def _with_advice(event: Event) -> Event:
+    """A Warning says what to do next (kubectl describe ftj), within the Event's size limit."""
+    todo = reasons.advice(event.reason) if event.type == "Warning" else None
+    if todo is None:
+        return Event(event.type, event.reason, clip(event.message, EVENT_MESSAGE_MAX))
+    return Event(event.type, event.reason, clip_with_suffix(event.message, f" — what to do: {todo}", EVENT_MESSAGE_MAX))
 
 
 def _plan(

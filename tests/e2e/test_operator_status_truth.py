@@ -118,10 +118,12 @@ def test_an_operator_stopped_longer_than_the_progress_deadline_restarts_and_the_
     assert first.stop_and_wait() == 0
     # The outage itself is the scenario: longer than progressDeadlineSeconds while the job keeps training.
     time.sleep(5)
-    # No resync: the restarted operator's first decision is the start-up reconcile of the job, without a scrape.
-    second = start_operator(operator_settings(namespace, kubeconfig, resync_seconds=3600))
+    # The restarted operator cannot reach the trainer's metrics (simulated pods serve none): its start-up reconcile
+    # and every resync see only the stale lastProgressTime, which must not count as "no progress".
+    restarted = operator_settings(namespace, kubeconfig, metrics_source="http", trainer_metrics_timeout_seconds=1.0)
+    second = start_operator(restarted)
     try:
-        wait_for(lambda: _reconciles(second) >= 1, timeout=30, what="the start-up reconcile")
+        wait_for(lambda: _reconciles(second) >= 5, timeout=60, what="the start-up reconcile and a few resyncs")
         assert jobs.status("steady")["phase"] == "Running", jobs.status("steady")
         cluster.simulate_exit(namespace, "steady-a1-head", exit_code=0)
         done = jobs.wait_phase("steady", "Succeeded")

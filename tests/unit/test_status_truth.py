@@ -444,3 +444,17 @@ def test_status_text_fits_in_bytes_and_characters(text: str) -> None:
     for value in (s.message or "", s.conditions[0].message):
         assert len(value.encode("utf-8")) <= 4096
         assert value == text or value.endswith("…[truncated]")
+
+
+def test_every_reason_has_advice_and_warnings_carry_it() -> None:
+    missing = sorted((reasons.FAILURE_REASONS | reasons.OTHER_REASONS) - reasons.ADVICE.keys())
+    assert not missing, f"no advice for: {missing}"
+    plan = st.calculate(
+        observe(
+            status(Phase.RUNNING),
+            running_cluster(phase="Failed", container=terminated(137, reason="OOMKilled")),
+            the_spec=spec(backoffLimit=0),
+        )
+    )
+    failed = next(e for e in plan.events if e.reason == "OOMKilled")
+    assert "what to do: raise the memory" in failed.message and len(failed.message) <= 1024
