@@ -469,6 +469,7 @@ def artifact_uris(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity) -> 
         "metrics": f"{base}/{contract.METRICS_FILE}",
         "report": f"{base}/{contract.REPORT_FILE}",
         "manifest": f"{base}/{contract.MANIFEST}",
+        "logs": f"{base}/{contract.LOGS_DIR}/",
     }
     if spec.method.strategy is ftspec.Strategy.LORA:
         artifacts["adapter"] = f"{base}/{contract.ADAPTER_DIR}/"

@@ -103,6 +103,8 @@ BAD = [
     Bad("endpoint", "spec.storage", {"endpoint": "minio:9000"}, "spec.storage.endpoint"),
     Bad("secret name", "spec.storage", {"credentialsSecret": "Bad_Name"}, "spec.storage.credentialsSecret"),
     Bad("output scheme", "spec.output", {"uri": "gs://bucket/x"}, "spec.output.uri"),
+    Bad("file output on a cluster", "spec.output", {"uri": "file:///out/"}, "spec.output.uri", model_agrees=False),
+    Bad("local output on a cluster", "spec.output", {"uri": "/out"}, "spec.output.uri", model_agrees=False),
     Bad("checkpoint", "spec.checkpoint", {"everySteps": 0}, "spec.checkpoint.everySteps"),
     Bad("backoffLimit", "spec.backoffLimit", -1, "spec.backoffLimit"),
     Bad("pending deadline", "spec.pendingDeadlineSeconds", 0, "spec.pendingDeadlineSeconds"),

@@ -296,4 +296,14 @@ def test_artifacts_follow_the_contract_layout() -> None:
     assert uris["model"] == "s3://models/team-a/sst2/model/"
     assert uris["adapter"] == "s3://models/team-a/sst2/adapter/"
     assert uris["checkpoint"] == "s3://models/team-a/sst2/checkpoints/sst2-0123abcd/"
+    assert uris["logs"] == "s3://models/team-a/sst2/logs/"
     assert "adapter" not in builders.artifact_uris(_spec(method={"strategy": "full"}), ident=IDENT)
+
+
+@pytest.mark.parametrize("uri", ["file:///data/out/", "./runs/x", "/mnt/out"])
+def test_cluster_jobs_refuse_local_output_but_finetune_run_accepts_it(uri: str) -> None:
+    """Issue 11 item 7: a cluster job writing to file:// failed only after the whole run."""
+    with pytest.raises(ftspec.SpecError) as error:
+        _spec(output={"uri": uri})
+    assert error.value.errors[0][0] == "spec.output.uri" and "s3://" in error.value.errors[0][1]
+    assert ftspec.parse_spec({**BASE, "output": {"uri": uri}}).output.uri == uri  # `finetune run` reads it as is
