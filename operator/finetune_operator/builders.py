@@ -9,15 +9,16 @@ client (an import-linter contract enforces it); manifests are plain dicts in wir
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import yaml
 from finetune_trainer import contract
 from finetune_trainer import spec as ftspec
+from finetune_trainer.shape import PodShape, head_shape, worker_shape
 
 from finetune_operator import names
 from finetune_operator.settings import Settings
+from finetune_operator.status_model import OperatorDefaults
 
 Manifest = dict[str, Any]
 
@@ -28,13 +29,21 @@ RAY_NODE_MANAGER_PORT = 6380  # fixed on workers so a cheap TCP readiness probe 
 METRICS_PORT = contract.DEFAULT_METRICS_PORT
 CONFIG_DIR = "/etc/finetune"
 CONFIG_FILE = "job.yaml"
-RAY_TMP_DIR = "/tmp/ray"
+# The root filesystem is read-only; these emptyDirs are the only writable paths (besides /dev/shm).
+RAY_TMP_DIR = "/tmp/ray"  # Ray's --temp-dir: sessions, logs, sockets
+SCRATCH_DIR = "/tmp/scratch"  # $TMPDIR (tempfile, s3:// model downloads) and $HOME (torch/matplotlib caches)
+HOME_DIR = f"{SCRATCH_DIR}/home"
 PVC_ROOT = "/mnt/pvc"  # the trainer maps pvc://claim/path to <PVC_ROOT>/claim/path (finetune_trainer.storage)
-SHM_FRACTION = 0.3  # Ray's object store defaults to 30% of memory and lives in /dev/shm
-OBJECT_STORE_MIN = 80 * 2**20  # Ray refuses less than 75 MiB
 RUN_AS_USER = 1000
 GPU_RESOURCE = "nvidia.com/gpu"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Several pods write a cluster job's checkpoints and artifacts: only shared object storage works. (file:// and local
+# paths are for `finetune run`; on a cluster rank 0 would write into its own pod and the job fail at the very end.)
+CLUSTER_OUTPUT_SCHEMES = ("s3://",)
+CLUSTER_OUTPUT_MESSAGE = (
+    "{uri!r}: a cluster job needs shared object storage (s3://bucket/prefix/); file:// and local paths are written "
+    "inside one pod and lost with it (they work with `finetune run` only)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +60,27 @@ class Rendered:
         return [self.config_map, self.network_policy, self.service, self.head, *self.workers]
 
 
+def operator_defaults(settings: Settings) -> OperatorDefaults:
+    """The settings a job's unset fields are resolved from (pinned into the job's status at its first reconcile)."""
+    return OperatorDefaults(
+        output_base_uri=settings.output_base_uri,
+        trainer_image=settings.trainer_image,
+        storage_endpoint=settings.storage_endpoint,
+        storage_region=settings.storage_region,
+        storage_credentials_secret=settings.storage_credentials_secret,
+    )
+
+
 def resolve_spec(
-    spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity
+    spec: ftspec.FineTuneJobSpec, *, defaults: OperatorDefaults, ident: names.JobIdentity
 ) -> ftspec.FineTuneJobSpec:
-    """Fill the operator's defaults (output, storage) into the spec; SpecError if a required default is missing.
+    """Fill the operator's defaults (output, image, storage) into the spec; SpecError if it cannot run on a cluster.
 
     The result is what the trainer runs, so it is written into the ConfigMap: one resolved source of truth.
     """
     output = spec.output.uri
     if output is None:
-        if not settings.output_base_uri:
+        if not defaults.output_base_uri:
             raise ftspec.SpecError(
                 [
                     (
@@ -70,24 +90,32 @@ def resolve_spec(
                     )
                 ]
             )
-        output = f"{settings.output_base_uri.rstrip('/')}/{ident.namespace}/{ident.name}/"
+        output = f"{defaults.output_base_uri.rstrip('/')}/{ident.namespace}/{ident.name}/"
+    if not output.startswith(CLUSTER_OUTPUT_SCHEMES):
+        raise ftspec.SpecError([("spec.output.uri", CLUSTER_OUTPUT_MESSAGE.format(uri=output))])
     storage = spec.storage.model_copy(
         update={
-            "endpoint": spec.storage.endpoint or settings.storage_endpoint,
+            "endpoint": spec.storage.endpoint or defaults.storage_endpoint,
             "region": spec.storage.region
-            if "region" in spec.storage.model_fields_set or not settings.storage_region
-            else settings.storage_region,
-            "credentials_secret": spec.storage.credentials_secret or settings.storage_credentials_secret,
+            if "region" in spec.storage.model_fields_set or not defaults.storage_region
+            else defaults.storage_region,
+            "credentials_secret": spec.storage.credentials_secret or defaults.storage_credentials_secret,
         }
     )
-    resolved = spec.model_copy(update={"output": ftspec.OutputSpec(uri=output), "storage": storage})
+    resolved = spec.model_copy(
+        update={
+            "output": ftspec.OutputSpec(uri=output),
+            "storage": storage,
+            "image": spec.image or defaults.trainer_image,
+        }
+    )
     # Round-trip through validation so a bad operator default is reported like a bad field.
     return ftspec.parse_spec(resolved.wire())
 
 
 def owner_reference(ident: names.JobIdentity) -> Manifest:
     return {
-        "apiVersion": names.API_VERSION,
+        "apiVersion": names.GROUP_VERSION,
         "kind": names.KIND,
         "name": ident.name,
         "uid": ident.uid,
@@ -109,7 +137,7 @@ def _metadata(name: str, *, ident: names.JobIdentity, labels: dict[str, str]) ->
 def build_config_map(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity) -> Manifest:
     """The resolved FineTuneJob manifest the trainer reads from /etc/finetune/job.yaml (no secrets in it)."""
     document = {
-        "apiVersion": names.API_VERSION,
+        "apiVersion": names.GROUP_VERSION,
         "kind": names.KIND,
         "metadata": {"name": ident.name, "namespace": ident.namespace},
         "spec": spec.wire(),
@@ -153,7 +181,11 @@ NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server on
 def _job_pods_peer(ident: names.JobIdentity) -> Manifest:
     """The job's own pods. A podSelector without namespaceSelector matches only the policy's own namespace, so a
     pod elsewhere cannot qualify however it is labelled."""
-    labels = {names.LABEL_NAME: names.APP_NAME, names.LABEL_MANAGED_BY: names.MANAGER, names.LABEL_JOB: ident.name}
+    labels = {
+        names.LABEL_NAME: names.APP_NAME,
+        names.LABEL_MANAGED_BY: names.MANAGER,
+        names.LABEL_JOB: names.job_label(ident.name),
+    }
     return {"podSelector": {"matchLabels": labels}}
 
 
@@ -197,25 +229,13 @@ def build_network_policy(ident: names.JobIdentity, *, settings: Settings) -> Man
         "kind": "NetworkPolicy",
         "metadata": _metadata(names.network_policy_name(ident.name), ident=ident, labels=names.job_labels(ident.name)),
         "spec": {
-            "podSelector": {"matchLabels": {names.LABEL_JOB: ident.name, names.LABEL_MANAGED_BY: names.MANAGER}},
+            "podSelector": {
+                "matchLabels": {names.LABEL_JOB: names.job_label(ident.name), names.LABEL_MANAGED_BY: names.MANAGER}
+            },
             "policyTypes": ["Ingress"],
             "ingress": ingress,
         },
     }
-
-
-def _shm_mebibytes(memory: str) -> int:
-    return max(128, math.floor(ftspec.parse_quantity(memory) * SHM_FRACTION / 2**20))
-
-
-def shm_size(memory: str) -> str:
-    """/dev/shm for Ray's object store: SHM_FRACTION of the pod's memory (it counts against the limit), in Mi."""
-    return f"{_shm_mebibytes(memory)}Mi"
-
-
-def object_store_bytes(memory: str) -> int:
-    """Ray's object store, inside /dev/shm with headroom (Ray's default would be 30% of the *node's* RAM)."""
-    return max(OBJECT_STORE_MIN, int(_shm_mebibytes(memory) * 2**20 * 0.8))
 
 
 def _env(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> list[Manifest]:
@@ -227,6 +247,10 @@ def _env(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> list[Manifes
         {"name": "RAY_AUTH_MODE", "value": "disabled"},
         # Ray's C++ gRPC uses c-ares, which ignores /etc/hosts entries; getaddrinfo honours them (harmless in k8s).
         {"name": "GRPC_DNS_RESOLVER", "value": "native"},
+        # The root filesystem is read-only: temporary files and the caches tools keep under $HOME go to an
+        # emptyDir. The image's Hugging Face cache ($HF_HOME, seeded at build) stays where the image put it.
+        {"name": "TMPDIR", "value": SCRATCH_DIR},
+        {"name": "HOME", "value": HOME_DIR},
         {"name": "FINETUNE_RUN_NAME", "value": ident.run_name},
         {"name": "FINETUNE_PVC_ROOT", "value": PVC_ROOT},
     ]
@@ -243,11 +267,13 @@ def _pvc_claim(spec: ftspec.FineTuneJobSpec) -> str | None:
     return None
 
 
-def _volumes(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity, memory: str) -> list[Manifest]:
+def _volumes(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity, shape: PodShape) -> list[Manifest]:
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": names.config_map_name(ident.name)}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(memory)}},
+        # Ray's object store: memory-backed, sized from the same shape as --object-store-memory.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shape.shm_size}},
         {"name": "ray-tmp", "emptyDir": {}},
+        {"name": "scratch", "emptyDir": {}},
     ]
     claim = _pvc_claim(spec)
     if claim:
@@ -260,6 +286,7 @@ def _mounts(spec: ftspec.FineTuneJobSpec) -> list[Manifest]:
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "ray-tmp", "mountPath": RAY_TMP_DIR},
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
     ]
     claim = _pvc_claim(spec)
     if claim:
@@ -276,27 +303,38 @@ def _tolerations(spec: ftspec.FineTuneJobSpec, *, gpus: int) -> list[Manifest]:
 
 
 def _container_security() -> Manifest:
+    """Restricted Pod Security Standard, plus a read-only root filesystem (writable paths are emptyDirs)."""
     return {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
         "runAsNonRoot": True,
         "runAsUser": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class PodTemplate:
+    """What differs between the head and a worker pod; everything else is common to both."""
+
+    name: str
+    labels: dict[str, str]
+    command: str
+    shape: PodShape
+    ports: tuple[Manifest, ...]
+    probe_port: int
+
+
+def _resources(shape: PodShape) -> Manifest:
+    amounts: dict[str, str] = {"cpu": shape.cpu, "memory": shape.memory}
+    if shape.gpus > 0:
+        amounts[GPU_RESOURCE] = str(shape.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
 def _pod(
-    spec: ftspec.FineTuneJobSpec,
-    *,
-    settings: Settings,
-    ident: names.JobIdentity,
-    name: str,
-    labels: dict[str, str],
-    command: str,
-    resources: Manifest,
-    memory: str,
-    gpus: int,
-    ports: list[Manifest],
-    probe: Manifest,
+    spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity, template: PodTemplate
 ) -> Manifest:
     pod_spec: Manifest = {
         "restartPolicy": "Never",
@@ -314,22 +352,26 @@ def _pod(
                 "name": "ray",
                 "image": spec.image or settings.trainer_image,
                 "imagePullPolicy": settings.image_pull_policy,
-                "command": ["/bin/sh", "-c", command],
+                "command": ["/bin/sh", "-c", template.command],
                 "env": _env(spec, ident),
-                "ports": ports,
-                "resources": resources,
+                "ports": list(template.ports),
+                "resources": _resources(template.shape),
                 "volumeMounts": _mounts(spec),
-                "readinessProbe": probe,
+                "readinessProbe": {
+                    "tcpSocket": {"port": template.probe_port},
+                    "periodSeconds": 5,
+                    "failureThreshold": 3,
+                },
                 "securityContext": _container_security(),
                 "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         ],
-        "volumes": _volumes(spec, ident=ident, memory=memory),
+        "volumes": _volumes(spec, ident=ident, shape=template.shape),
     }
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
-    tolerations = _tolerations(spec, gpus=gpus)
+    tolerations = _tolerations(spec, gpus=template.shape.gpus)
     if tolerations:
         pod_spec["tolerations"] = tolerations
     if spec.resources.affinity:
@@ -339,20 +381,13 @@ def _pod(
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": _metadata(name, ident=ident, labels=labels),
+        "metadata": _metadata(template.name, ident=ident, labels=template.labels),
         "spec": pod_spec,
     }
 
 
-def _requests_limits(*, cpu: str, memory: str, gpus: int) -> Manifest:
-    amounts: dict[str, str] = {"cpu": cpu, "memory": memory}
-    if gpus > 0:
-        amounts[GPU_RESOURCE] = str(gpus)
-    return {"requests": dict(amounts), "limits": dict(amounts)}
-
-
 HEAD_SCRIPT = """\
-ray start --head --block --port={gcs} --num-cpus=0 --node-ip-address=$POD_IP \\
+ray start --head --block --port={gcs} --num-cpus={cpus} --node-ip-address=$POD_IP \\
   --dashboard-host=0.0.0.0 --dashboard-port={dashboard} --object-store-memory={store} \\
   --temp-dir={tmp} --disable-usage-stats &
 ray_pid=$!
@@ -384,10 +419,12 @@ def head_command(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> str:
     (RAY_ADDRESS), never "auto" (which scans processes and can find another cluster). No --ray-client-server-port:
     the driver runs here and the trainer image need not carry ray[client].
     """
+    shape = head_shape(spec.resources)
     return HEAD_SCRIPT.format(
         gcs=RAY_GCS_PORT,
+        cpus=shape.ray_cpus,
         dashboard=RAY_DASHBOARD_PORT,
-        store=object_store_bytes(spec.resources.head.memory),
+        store=shape.object_store_bytes,
         tmp=RAY_TMP_DIR,
         config=f"{CONFIG_DIR}/{CONFIG_FILE}",
         run=ident.run_name,
@@ -397,55 +434,44 @@ def head_command(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> str:
 
 
 def worker_command(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> str:
-    """Join the head of this attempt and block; Ray's CLI takes whole CPUs, so fractional requests round down (>=1)."""
-    cpus = max(1, math.floor(spec.resources.cpus))
+    """Join the head of this attempt and block, advertising exactly the shape the trainer driver asks for."""
+    shape = worker_shape(spec.resources)
     return (
-        f"exec ray start --address={names.head_address(ident)}:{RAY_GCS_PORT} --num-cpus={cpus} "
-        f"--num-gpus={spec.resources.gpus_per_worker} --node-ip-address=$POD_IP "
-        f"--object-store-memory={object_store_bytes(spec.resources.memory_per_worker)} "
+        f"exec ray start --address={names.head_address(ident)}:{RAY_GCS_PORT} --num-cpus={shape.ray_cpus} "
+        f"--num-gpus={shape.gpus} --node-ip-address=$POD_IP --object-store-memory={shape.object_store_bytes} "
         f"--node-manager-port={RAY_NODE_MANAGER_PORT} --temp-dir={RAY_TMP_DIR} --disable-usage-stats --block"
     )
 
 
 def build_head_pod(spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity) -> Manifest:
-    head = spec.resources.head
-    return _pod(
-        spec,
-        settings=settings,
-        ident=ident,
+    template = PodTemplate(
         name=names.head_name(ident.name, ident.attempt),
         labels=names.pod_labels(ident, role=names.ROLE_HEAD),
         command=head_command(spec, ident),
-        resources=_requests_limits(cpu=head.cpu, memory=head.memory, gpus=0),
-        memory=head.memory,
-        gpus=0,
-        ports=[
+        shape=head_shape(spec.resources),
+        ports=(
             {"name": "gcs", "containerPort": RAY_GCS_PORT, "protocol": "TCP"},
             {"name": "client", "containerPort": RAY_CLIENT_PORT, "protocol": "TCP"},
             {"name": "dashboard", "containerPort": RAY_DASHBOARD_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
-        ],
-        probe={"tcpSocket": {"port": RAY_GCS_PORT}, "periodSeconds": 5, "failureThreshold": 3},
+        ),
+        probe_port=RAY_GCS_PORT,
     )
+    return _pod(spec, settings=settings, ident=ident, template=template)
 
 
 def build_worker_pod(
     spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity, index: int
 ) -> Manifest:
-    res = spec.resources
-    return _pod(
-        spec,
-        settings=settings,
-        ident=ident,
+    template = PodTemplate(
         name=names.worker_name(ident.name, ident.attempt, index),
         labels=names.pod_labels(ident, role=names.ROLE_WORKER, index=index),
         command=worker_command(spec, ident),
-        resources=_requests_limits(cpu=res.cpus_per_worker, memory=res.memory_per_worker, gpus=res.gpus_per_worker),
-        memory=res.memory_per_worker,
-        gpus=res.gpus_per_worker,
-        ports=[{"name": "raylet", "containerPort": RAY_NODE_MANAGER_PORT, "protocol": "TCP"}],
-        probe={"tcpSocket": {"port": RAY_NODE_MANAGER_PORT}, "periodSeconds": 5, "failureThreshold": 3},
+        shape=worker_shape(spec.resources),
+        ports=({"name": "raylet", "containerPort": RAY_NODE_MANAGER_PORT, "protocol": "TCP"},),
+        probe_port=RAY_NODE_MANAGER_PORT,
     )
+    return _pod(spec, settings=settings, ident=ident, template=template)
 
 
 def build_children(spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity) -> Rendered:
@@ -470,6 +496,7 @@ def artifact_uris(spec: ftspec.FineTuneJobSpec, *, ident: names.JobIdentity) -> 
         "metrics": f"{base}/{contract.METRICS_FILE}",
         "report": f"{base}/{contract.REPORT_FILE}",
         "manifest": f"{base}/{contract.MANIFEST}",
+        "logs": f"{base}/{contract.LOGS_DIR}/",
     }
     if spec.method.strategy is ftspec.Strategy.LORA:
         artifacts["adapter"] = f"{base}/{contract.ADAPTER_DIR}/"

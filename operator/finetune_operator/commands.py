@@ -78,9 +78,7 @@ def render_main(argv: Sequence[str]) -> int:
         ident = names.JobIdentity(
             name=job.metadata.name, namespace=namespace, uid="00000000-render", attempt=args.attempt
         )
-        if len(ident.name) > names.MAX_JOB_NAME:
-            raise ftspec.SpecError([("metadata.name", f"at most {names.MAX_JOB_NAME} characters")])
-        spec = builders.resolve_spec(job.spec, settings=settings, ident=ident)
+        spec = builders.resolve_spec(job.spec, defaults=builders.operator_defaults(settings), ident=ident)
     except (ftspec.SpecError, SettingsError) as e:
         for line in str(e).split("; "):
             print(f"finetune render: {line}", file=sys.stderr)

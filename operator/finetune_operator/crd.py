@@ -5,7 +5,7 @@ module turns their JSON Schema into a *structural* OpenAPI v3 schema (no $ref, a
 anyOf-of-types) and adds what only Kubernetes understands, keyed by field path: CEL rules, int-or-string
 quantities, preserve-unknown-fields for embedded Kubernetes types, and bounds that keep CEL cost estimates low.
 
-Encoding choices (documented in docs/api.md):
+Encoding choices (documented in docs/operator.md, "API encoding choices"):
 - Optional fields are not `nullable`: the API server drops an explicit `null`, which means "unset" to the model.
 - spec.hyperparameters.learningRate accepts a number or a string ("2e-5"). A structural schema cannot say
   "number or string" (x-kubernetes-int-or-string rejects 2.0e-5), so the field carries no type
@@ -44,7 +44,6 @@ _URI_RULES: dict[str, tuple[tuple[str, ...], bool]] = {
     "spec.model.uri": (ftspec.MODEL_URI_SCHEMES, True),
     "spec.dataset.train": (ftspec.DATA_URI_SCHEMES, True),
     "spec.dataset.validation": (ftspec.DATA_URI_SCHEMES, True),
-    "spec.output.uri": (ftspec.OUTPUT_URI_SCHEMES, True),
 }
 _QUANTITIES = {
     "spec.resources.cpusPerWorker",
@@ -84,6 +83,14 @@ _EXTRA_RULES: dict[str, list[Schema]] = {
             "reason": "FieldValueInvalid",
         }
     ],
+}
+# On a cluster several pods write checkpoints and artifacts: only shared object storage works. `finetune run` (no
+# cluster, no CRD) keeps accepting file:// and local paths through the spec model.
+_CLUSTER_OUTPUT_RULE = {
+    "rule": "self.startsWith('s3://') && !self.endsWith('://')",
+    "message": "a cluster job needs shared object storage: spec.output.uri must be s3://bucket/prefix/ (file:// and "
+    "local paths are written inside one pod and lost with it; they work with `finetune run` only)",
+    "reason": "FieldValueInvalid",
 }
 _QUANTITY_POSITIVE = {
     "rule": "type(self) == int ? self > 0 : !self.matches('^0+(\\\\.0+)?[a-zA-Z]*$')",
@@ -158,6 +165,8 @@ class _Converter:
         if path in _URI_RULES:
             schemes, local = _URI_RULES[path]
             rules.append(_uri_rule(schemes, local_path=local))
+        if path == "spec.output.uri":
+            rules.append(dict(_CLUSTER_OUTPUT_RULE))
         if rules:
             out["x-kubernetes-validations"] = out.get("x-kubernetes-validations", []) + rules
         return out
@@ -261,26 +270,20 @@ def build_crd() -> Schema:
     """The complete apiextensions.k8s.io/v1 CustomResourceDefinition."""
     spec = spec_schema()
     spec["description"] = "Desired fine-tuning run: model, data, adaptation method, resources and lifecycle."
-    name_rule = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
     root: Schema = {
         "type": "object",
         "description": "FineTuneJob adapts a pretrained model to a data set on a Ray Train cluster.",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string", "description": "finetune.dev/v1alpha1"},
+            "apiVersion": {"type": "string", "description": names.GROUP_VERSION},
             "kind": {"type": "string", "description": "FineTuneJob"},
             "metadata": {"type": "object"},
             "spec": spec,
             "status": status_schema(),
         },
+        # No rule on metadata.name: the API server accepts any DNS subdomain and every one of them works (child
+        # names are shortened with a hash, names.child_base).
         "x-kubernetes-validations": [
-            {
-                "rule": f"size(self.metadata.name) <= {names.MAX_JOB_NAME} && "
-                f"self.metadata.name.matches('{name_rule}')",
-                "message": f"metadata.name must be a DNS label of at most {names.MAX_JOB_NAME} characters starting "
-                "with a letter (it prefixes the names of the job's pods and Service)",
-                "reason": "FieldValueInvalid",
-            },
             immutability_rule(spec),
         ],
     }
@@ -291,7 +294,7 @@ def build_crd() -> Schema:
             "name": "Metric",
             "type": "number",
             "jsonPath": ".status.progress.evalMetric",
-            "description": "Last evaluation metric",
+            "description": "Watched evaluation metric (earlyStopping.metric, else the task default)",
         },
         {"name": "Workers", "type": "string", "jsonPath": ".status.cluster.ready", "description": "Ready workers"},
         {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
@@ -318,7 +321,7 @@ def build_crd() -> Schema:
             },
             "versions": [
                 {
-                    "name": ftspec.API_VERSION,
+                    "name": names.VERSION,
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},

@@ -17,6 +17,8 @@ import kopf
 from finetune_operator import names
 from finetune_operator.services.reconcile import ConflictError, Context, reconcile
 
+POD_SELECTOR = ",".join(f"{k}={v}" for k, v in sorted(names.MANAGED_SELECTOR.items()))
+
 
 def _ctx(memo: Any) -> Context:
     ctx: Context = memo["ctx"]
@@ -37,16 +39,24 @@ async def on_job_event(
         await _safe(ctx, namespace=namespace, name=name, logger=logger)
 
 
+def owning_job(meta: Mapping[str, Any]) -> str | None:
+    """The FineTuneJob that controls a pod (its ownerReference: the job label may be a shortened name)."""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == names.KIND and ref.get("apiVersion") == names.GROUP_VERSION and ref.get("controller"):
+            return str(ref.get("name"))
+    return None
+
+
 async def on_pod_event(
     *,
-    labels: Mapping[str, str],
+    meta: Mapping[str, Any],
     namespace: str | None,
     memo: Any,
     logger: logging.Logger | logging.LoggerAdapter[Any],
     **_: Any,
 ) -> None:
     """A child pod changed (scheduled, ready, exited, deleted): reconcile its job at once."""
-    job = labels.get(names.LABEL_JOB)
+    job = owning_job(meta)
     if job and namespace:
         await _safe(_ctx(memo), namespace=namespace, name=job, logger=logger)
 
@@ -70,7 +80,7 @@ def build_registry(*, connection: kopf.ConnectionInfo) -> kopf.OperatorRegistry:
         return connection
 
     kopf.on.login(registry=registry)(login)
-    kopf.on.event(names.GROUP, "v1alpha1", names.PLURAL, registry=registry)(on_job_event)
+    kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=registry)(on_job_event)
     kopf.on.event("", "v1", "pods", labels=dict(names.MANAGED_SELECTOR), registry=registry)(on_pod_event)
     return registry
 
@@ -80,6 +90,9 @@ def kopf_settings(*, max_workers: int) -> kopf.OperatorSettings:
     settings.posting.enabled = False  # we post our own, purposeful Events
     settings.scanning.disabled = True  # no CRD/namespace watching: fewer permissions, the CRD is installed first
     settings.execution.max_workers = max_workers
+    # The pod watch asks the API server for our pods only (kopf's handler label filter alone is client-side: the
+    # operator would stream every pod of the cluster).
+    settings.watching.label_selectors["", "v1", "pods"] = POD_SELECTOR
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10]

@@ -33,6 +33,12 @@ class OperatorMetrics:
         self.time_to_running = Histogram(
             "finetune_job_time_to_running_seconds", "Creation to Running", buckets=STARTUP_BUCKETS, registry=r
         )
+        self.time_to_first_step = Histogram(
+            "finetune_job_time_to_first_step_seconds",
+            "Creation to the first optimizer step of the first attempt that trained (the trainer's own timestamp)",
+            buckets=STARTUP_BUCKETS,
+            registry=r,
+        )
         self.attempts = Counter("finetune_job_attempts", "Attempts started (first runs, retries, resumes)", registry=r)
         self.retries = Counter("finetune_job_retries", "Attempts started because the previous one failed", registry=r)
         self.failures = Counter("finetune_job_failures", "Jobs that ended Failed, by reason", ["reason"], registry=r)
@@ -49,7 +55,7 @@ class OperatorMetrics:
         self.step = Gauge("finetune_job_step", "Optimizer steps done", ["namespace", "name"], registry=r)
         self.loss = Gauge("finetune_job_loss", "Last training loss", ["namespace", "name"], registry=r)
         self.eval_metric = Gauge(
-            "finetune_job_eval_metric", "Last evaluation metric", ["namespace", "name"], registry=r
+            "finetune_job_eval_metric", "Last value of the watched evaluation metric", ["namespace", "name"], registry=r
         )
         self.samples_per_second = Gauge(
             "finetune_job_samples_per_second", "Training throughput", ["namespace", "name"], registry=r

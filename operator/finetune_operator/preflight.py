@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from finetune_trainer import spec as ftspec
+from finetune_trainer.shape import head_shape, worker_shape
 
 from finetune_operator.builders import GPU_RESOURCE
 
@@ -64,22 +65,17 @@ def preflight(spec: ftspec.FineTuneJobSpec, nodes: Sequence[Mapping[str, Any]]) 
     """(field path, message) for every pod kind no node can host; empty when everything fits somewhere."""
     if not nodes:
         return []
-    res = spec.resources
     problems: list[tuple[str, str]] = []
+    # The same shapes the builders give the pods (requests = limits).
     checks = [
-        ("spec.resources", "worker", res.cpus, ftspec.parse_quantity(res.memory_per_worker), res.gpus_per_worker),
-        (
-            "spec.resources.head",
-            "head",
-            ftspec.parse_quantity(res.head.cpu),
-            ftspec.parse_quantity(res.head.memory),
-            0,
-        ),
+        ("spec.resources", "worker", worker_shape(spec.resources)),
+        ("spec.resources.head", "head", head_shape(spec.resources)),
     ]
-    for path, role, cpu, memory, gpus in checks:
+    for path, role, shape in checks:
+        gpus = shape.gpus
         reasons = {}
         for node in nodes:
-            why = _fits(node, spec=spec, cpu=cpu, memory=memory, gpus=gpus)
+            why = _fits(node, spec=spec, cpu=shape.cpu_cores, memory=shape.memory_bytes, gpus=gpus)
             if why is None:
                 break
             reasons[node.get("metadata", {}).get("name", "?")] = why

@@ -43,8 +43,24 @@ JOB_RULES: tuple[Rule, ...] = (
     ),
     Rule("", ("pods",), ("get", "list", "watch"), "observe the Ray pods (phase, termination reason, IP)"),
     Rule("", ("pods",), ("create", "delete"), "create the Ray head/worker pods; delete them on finish/suspend/retry"),
-    Rule("", ("services", "configmaps"), ("create", "delete"), "head Service and trainer config per job"),
-    Rule("networking.k8s.io", ("networkpolicies",), ("create", "delete"), "restrict Ray's ports to the job"),
+    Rule(
+        "",
+        ("pods/log",),
+        ("get",),
+        "the log tail of a failed pod whose trainer left no report (OOM kill), kept in status.lastFailure",
+    ),
+    Rule(
+        "",
+        ("services", "configmaps"),
+        ("get", "list", "create", "delete"),
+        "head Service and trainer config per job; get/list to check ownership (never touch what is not ours)",
+    ),
+    Rule(
+        "networking.k8s.io",
+        ("networkpolicies",),
+        ("get", "list", "create", "delete"),
+        "restrict Ray's ports to the job; get/list to check ownership",
+    ),
     Rule("", ("events",), ("create", "patch"), "Kubernetes Events for every transition (kubectl describe)"),
 )
 # Only in the operator's own namespace (Role).

@@ -8,14 +8,12 @@ progress seen in its status while it ran, a manifest and a model in S3, and no p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 
-from tests.devcluster.cluster import CPU_POOL_LABEL, DevCluster
+from tests.devcluster.cluster import DevCluster
 from tests.devcluster.testing import wait_for
 from tests.e2e.operator_harness import (
     Jobs,
@@ -25,19 +23,13 @@ from tests.e2e.operator_harness import (
     operator_settings,
     start_operator,
 )
+from tests.e2e.s3_job import s3_job
 from tests.servers.prometheus import PrometheusServer
 from tests.servers.s3 import S3Server
-from tests.trainer import datafiles, tiny
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
 SCRAPED_STEP = "max_over_time(finetune_trainer_step[15m])"
-
-
-def _upload_dir(client: object, bucket: str, root: Path, prefix: str) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root)}")  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -61,55 +53,16 @@ def test_tiny_bert_lora_on_two_cpu_workers_succeeds_with_artifacts_in_s3(
     tmp_path: Path,
 ) -> None:
     namespace = real_operator.settings.namespaces[0]
-    bucket = s3_server.make_bucket(f"e2e-{namespace[-6:]}")
-    s3 = boto3.client("s3", **s3_server.boto3_kwargs())
-    model = tiny.build_models(tmp_path / "models")["bert"]
-    _upload_dir(s3, bucket, model, "models/bert")
-    data = datafiles.write_sst_data(tmp_path / "data", n_train=160, n_dev=48)
-    s3.upload_file(str(data["tsv_train"]), bucket, "data/train.tsv")
-    s3.upload_file(str(data["tsv_dev"]), bucket, "data/dev.tsv")
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "s3-creds"},
-        "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key},
-    }
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(secret))
-    job = {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "tiny"},
-        "spec": {
-            "model": {"uri": f"s3://{bucket}/models/bert"},
-            "dataset": {
-                "train": f"s3://{bucket}/data/train.tsv",
-                "validation": f"s3://{bucket}/data/dev.tsv",
-                "textColumn": "sentence",
-                "labelColumn": "label",
-            },
-            "method": {"strategy": "lora"},
-            "hyperparameters": {
-                "learningRate": "1e-3",
-                "epochs": 1,
-                "maxSteps": 30,
-                "batchSize": 4,
-                "maxSeqLength": 32,
-            },
-            "resources": {
-                "workers": 2,
-                "cpusPerWorker": "1",
-                "memoryPerWorker": "2Gi",
-                "head": {"cpu": "1", "memory": "2Gi"},
-                "nodeSelector": {CPU_POOL_LABEL: "cpu"},
-            },
-            "storage": {"endpoint": s3_server.endpoint_for(cluster.gateway_ip), "credentialsSecret": "s3-creds"},
-            "output": {"uri": f"s3://{bucket}/out/tiny/"},
-            "checkpoint": {"everySteps": 10, "keep": 2},
-            "backoffLimit": 0,
-            "pendingDeadlineSeconds": 300,
-            "progressDeadlineSeconds": 600,
-        },
-    }
+    prepared = s3_job(
+        cluster,
+        s3_server,
+        namespace=namespace,
+        tmp_path=tmp_path,
+        name="tiny",
+        n_dev=48,
+        spec={"hyperparameters": {"maxSteps": 30}, "checkpoint": {"everySteps": 10, "keep": 2}},
+    )
+    job, bucket, s3 = prepared.manifest, prepared.bucket, prepared.s3
     jobs = Jobs(cluster, namespace)
     prom = prometheus_server
     prom.set_targets("finetune-operator", [f"127.0.0.1:{real_operator.settings.metrics_port}"])
@@ -150,6 +103,9 @@ def test_tiny_bert_lora_on_two_cpu_workers_succeeds_with_artifacts_in_s3(
     assert any(k.startswith("out/tiny/adapter/") for k in keys)
     assert any(k.startswith("out/tiny/checkpoints/") for k in keys)
     assert status["artifacts"]["manifest"] == f"s3://{bucket}/out/tiny/manifest.json"  # type: ignore[index]
+    timeline = status["timeline"]
+    assert timeline["created"] <= timeline["scheduled"] <= timeline["finished"], timeline  # type: ignore[index]
+    assert status["attempts"][-1]["reason"] == "Succeeded"  # type: ignore[index]
     jobs.wait_no_pods("tiny", timeout=60)
     # The real Prometheus scraped both the trainer (during the run) and the operator.
     steps = prom.wait_for(SCRAPED_STEP, lambda samples: any(x.value > 0 for x in samples), timeout=30)

@@ -103,15 +103,28 @@ BAD = [
     Bad("endpoint", "spec.storage", {"endpoint": "minio:9000"}, "spec.storage.endpoint"),
     Bad("secret name", "spec.storage", {"credentialsSecret": "Bad_Name"}, "spec.storage.credentialsSecret"),
     Bad("output scheme", "spec.output", {"uri": "gs://bucket/x"}, "spec.output.uri"),
+    Bad("file output on a cluster", "spec.output", {"uri": "file:///out/"}, "spec.output.uri", model_agrees=False),
+    Bad("local output on a cluster", "spec.output", {"uri": "/out"}, "spec.output.uri", model_agrees=False),
     Bad("checkpoint", "spec.checkpoint", {"everySteps": 0}, "spec.checkpoint.everySteps"),
     Bad("backoffLimit", "spec.backoffLimit", -1, "spec.backoffLimit"),
     Bad("pending deadline", "spec.pendingDeadlineSeconds", 0, "spec.pendingDeadlineSeconds"),
     Bad("ttl", "spec.ttlSecondsAfterFinished", -5, "spec.ttlSecondsAfterFinished"),
     Bad("causal-lm with head", "spec.task", "causal-lm", "spec.method.strategy", model_agrees=True),
     Bad("unknown field", "spec.methd", {"strategy": "lora"}, "spec.methd"),
-    Bad("name too long", "metadata.name", "a" * 46, "metadata.name", model_agrees=False),
-    Bad("name starts with a digit", "metadata.name", "9job", "metadata.name", model_agrees=False),
+    Bad("name longer than a subdomain", "metadata.name", "a" * 254, "metadata.name", model_agrees=False),
+    Bad("name with capitals", "metadata.name", "Job", "metadata.name", model_agrees=False),
 ]
+
+# Every valid custom-resource name is accepted (child names are shortened by the operator, names.child_base).
+LONG_NAMES = ["a" * 115, "9job", "sst2.minilm.lr2e-5", ("x" * 62 + ".") * 3 + "y" * 64]
+
+
+@pytest.mark.parametrize("name", LONG_NAMES, ids=lambda n: f"{len(n)}-chars")
+def test_every_valid_name_is_accepted(cluster: DevCluster, namespace: str, crd: None, name: str) -> None:
+    assert len(name) <= 253
+    doc = _set(VALID, "metadata.name", name)
+    cluster.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    assert ftspec.parse_job(doc).metadata.name == name
 
 
 def _manifest(case: Bad) -> dict[str, Any]:

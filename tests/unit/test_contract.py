@@ -33,7 +33,14 @@ CASES = [
     ),
     Case(
         "success summary",
-        TrainerReport(reason=contract.SUCCEEDED, metric_name="eval_accuracy", metric=0.91, baseline=0.5, kept_step=7),
+        TrainerReport(
+            reason=contract.SUCCEEDED,
+            metric_name="eval_accuracy",
+            metric=0.91,
+            baseline=0.5,
+            kept_step=7,
+            resumed_from_step=40,
+        ),
         0,
         False,
     ),

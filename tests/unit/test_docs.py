@@ -11,8 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from finetune_operator import status
-from finetune_trainer import contract
+from finetune_operator import reasons
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "hack"))
@@ -40,18 +39,8 @@ def test_api_reference_covers_every_spec_field() -> None:
 
 
 def operator_reasons() -> set[str]:
-    """Every reason string the operator's status module can put on a condition."""
-    declared = getattr(status, "FAILURE_REASONS", None)
-    if declared is not None:
-        return {str(r) for r in declared}
-    reasons = {r.value for r in contract.Reason} | set(status.PENDING_TROUBLE)
-    reasons |= {
-        v for k, v in vars(status).items() if k.isupper() and isinstance(v, str) and re.fullmatch(r"[A-Z]\w+", v)
-    }
-    source = Path(status.__file__).read_text(encoding="utf-8")
-    reasons |= set(re.findall(r'(?<!\w)reason = "([A-Z]\w+)"', source))
-    reasons |= set(re.findall(r'return "([A-Z]\w+)", ', source))
-    return reasons
+    """Every reason the operator can put on a condition (finetune_operator.reasons is the vocabulary)."""
+    return {str(r) for r in reasons.FAILURE_REASONS | reasons.OTHER_REASONS}
 
 
 def test_every_failure_reason_has_a_troubleshooting_section() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 from finetune_operator import builders, names
 from finetune_operator.settings import Settings
 from finetune_trainer import spec as ftspec
+from finetune_trainer.shape import head_shape, worker_shape
 
 IDENT = names.JobIdentity(name="sst2", namespace="team-a", uid="0123abcd-0000-1111-2222-333344445555", attempt=2)
 SETTINGS = Settings(
@@ -25,7 +27,7 @@ BASE: dict[str, Any] = {"model": {"uri": "hf://org/model"}, "dataset": {"train":
 
 def _spec(**overrides: Any) -> ftspec.FineTuneJobSpec:
     data = {**BASE, **overrides}
-    return builders.resolve_spec(ftspec.parse_spec(data), settings=SETTINGS, ident=IDENT)
+    return builders.resolve_spec(ftspec.parse_spec(data), defaults=builders.operator_defaults(SETTINGS), ident=IDENT)
 
 
 def _container(pod: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +60,7 @@ def _cpu(r: builders.Rendered) -> None:
     assert "nvidia.com/gpu" not in _container(worker)["resources"]["limits"]
     assert "tolerations" not in worker["spec"]
     assert _container(worker)["resources"]["limits"] == {"cpu": "500m", "memory": "1Gi"}
-    assert "--num-cpus=1" in _container(worker)["command"][-1]  # fractional CPUs round down, at least 1
+    assert "--num-cpus=1" in _container(worker)["command"][-1]  # one worker per pod (finetune_trainer.shape)
 
 
 def _placement(r: builders.Rendered) -> None:
@@ -149,23 +151,32 @@ def test_common_metadata_on_every_child() -> None:
 
 
 def test_pods_are_hardened_and_report_failures() -> None:
+    """Restricted pod security plus a read-only root filesystem: every path Ray and the trainer write is an emptyDir."""
     rendered = builders.build_children(_spec(), settings=SETTINGS, ident=IDENT)
-    for pod in (rendered.head, *rendered.workers):
+    for pod, shape in ((rendered.head, head_shape), *((w, worker_shape) for w in rendered.workers)):
         spec = pod["spec"]
         assert spec["restartPolicy"] == "Never"
-        assert spec["automountServiceAccountToken"] is False
+        assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         c = _container(pod)
         assert c["securityContext"] == {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
             "runAsUser": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
         }
         assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert c["readinessProbe"]["tcpSocket"]["port"] in {6379, 6380}
-        shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
-        assert shm["emptyDir"]["medium"] == "Memory"
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        writable = {m["mountPath"] for m in c["volumeMounts"] if "emptyDir" in volumes[m["name"]]}
+        assert writable == {"/dev/shm", "/tmp/ray", "/tmp/scratch"}
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": shape(_spec().resources).shm_size}
+        env = _env(pod)
+        assert env["TMPDIR"] == "/tmp/scratch" and env["HOME"].startswith("/tmp/scratch/")
+        assert "--temp-dir=/tmp/ray" in c["command"][-1]
 
 
 def test_head_runs_ray_then_trainer_and_workers_join_this_attempt() -> None:
@@ -203,20 +214,10 @@ def test_job_values_win_over_operator_defaults() -> None:
 
 def test_missing_output_without_default_is_invalid_spec() -> None:
     with pytest.raises(ftspec.SpecError) as error:
-        builders.resolve_spec(ftspec.parse_spec(BASE), settings=Settings(identity="x"), ident=IDENT)
+        builders.resolve_spec(
+            ftspec.parse_spec(BASE), defaults=builders.operator_defaults(Settings(identity="x")), ident=IDENT
+        )
     assert error.value.errors[0][0] == "spec.output.uri"
-
-
-@pytest.mark.parametrize(("memory", "expected"), [("4Gi", "1228Mi"), ("100Mi", "128Mi"), ("16Gi", "4915Mi")])
-def test_shm_size(memory: str, expected: str) -> None:
-    assert builders.shm_size(memory) == expected
-
-
-@pytest.mark.parametrize("memory", ["128Mi", "1Gi", "4Gi", "64Gi"])
-def test_object_store_fits_in_shm_and_meets_rays_minimum(memory: str) -> None:
-    store = builders.object_store_bytes(memory)
-    assert store >= 75 * 2**20
-    assert store <= ftspec.parse_quantity(builders.shm_size(memory))
 
 
 def test_ray_environment_avoids_known_pod_pitfalls() -> None:
@@ -229,10 +230,52 @@ def test_ray_environment_avoids_known_pod_pitfalls() -> None:
     assert "RAY_ADDRESS=$POD_IP:6379 finetune train" in head_cmd
 
 
-def test_names_fit_dns_labels_at_the_limits() -> None:
-    longest = "a" * names.MAX_JOB_NAME
-    assert len(names.worker_name(longest, names.MAX_ATTEMPT, 1023)) == 63
-    assert len(names.head_name(longest, names.MAX_ATTEMPT)) <= 63
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class NameCase:
+    name: str
+    job: str
+    base: str | None = None  # expected child base when it is the name itself
+
+
+NAME_CASES = [
+    NameCase("short name is kept", "sst2", "sst2"),
+    NameCase("45 characters are kept", "a" * 45, "a" * 45),
+    NameCase("46 characters are hashed", "a" * 46),
+    NameCase("115 characters", "sst2-minilm-lr2e-5-bs32-seed42-" + "x" * 84),
+    NameCase("253 characters with dots", ("x" * 62 + ".") * 3 + "y" * 61),
+    NameCase("dots", "sst2.minilm"),
+    NameCase("starts with a digit", "9job"),
+]
+
+
+@pytest.mark.parametrize("case", NAME_CASES, ids=[c.name for c in NAME_CASES])
+def test_every_valid_job_name_gives_valid_child_names(case: NameCase) -> None:
+    base = names.child_base(case.job)
+    if case.base is not None:
+        assert base == case.base
+    assert DNS_LABEL.match(base) and len(base) <= names.MAX_BASE
+    assert base == names.child_base(case.job)  # stable
+    ident = names.JobIdentity(name=case.job, namespace="ns", uid="0123abcd-0000", attempt=names.MAX_ATTEMPT)
+    spec = _spec(resources={"workers": 3})
+    rendered = builders.build_children(spec, settings=SETTINGS, ident=ident)
+    for obj in rendered.all():
+        assert DNS_LABEL.match(obj["metadata"]["name"]) and len(obj["metadata"]["name"]) <= 63, obj["metadata"]
+        for value in obj["metadata"]["labels"].values():
+            assert LABEL_VALUE.match(value) and len(value) <= 63, value
+        assert obj["metadata"]["ownerReferences"][0]["name"] == case.job
+    assert len(names.worker_name(case.job, names.MAX_ATTEMPT, names.MAX_WORKER_INDEX)) <= 63
+    job = ftspec.parse_job(yaml.safe_load(rendered.config_map["data"]["job.yaml"]))
+    assert job.metadata.name == case.job  # the trainer reads the full name
+
+
+def test_long_names_sharing_a_prefix_get_different_children() -> None:
+    prefix = "sst2-minilm-lr2e-5-bs32-seed42-" + "x" * 40
+    assert names.child_base(prefix + "-a") != names.child_base(prefix + "-b")
+    assert names.child_base(prefix + "-a").startswith("sst2-minilm-lr2e-5")
 
 
 def test_artifacts_follow_the_contract_layout() -> None:
@@ -240,4 +283,14 @@ def test_artifacts_follow_the_contract_layout() -> None:
     assert uris["model"] == "s3://models/team-a/sst2/model/"
     assert uris["adapter"] == "s3://models/team-a/sst2/adapter/"
     assert uris["checkpoint"] == "s3://models/team-a/sst2/checkpoints/sst2-0123abcd/"
+    assert uris["logs"] == "s3://models/team-a/sst2/logs/"
     assert "adapter" not in builders.artifact_uris(_spec(method={"strategy": "full"}), ident=IDENT)
+
+
+@pytest.mark.parametrize("uri", ["file:///data/out/", "./runs/x", "/mnt/out"])
+def test_cluster_jobs_refuse_local_output_but_finetune_run_accepts_it(uri: str) -> None:
+    """Issue 11 item 7: a cluster job writing to file:// failed only after the whole run."""
+    with pytest.raises(ftspec.SpecError) as error:
+        _spec(output={"uri": uri})
+    assert error.value.errors[0][0] == "spec.output.uri" and "s3://" in error.value.errors[0][1]
+    assert ftspec.parse_spec({**BASE, "output": {"uri": uri}}).output.uri == uri  # `finetune run` reads it as is

@@ -79,10 +79,9 @@ def _rules(path: str) -> list[str]:
         (".spec.method", "self.strategy == 'top-layers'"),
         (".spec.model", "self.uri.startsWith('hf://')"),
         (".spec.model.uri", "self.startsWith('pvc://')"),
-        (".spec.output.uri", "self.startsWith('s3://')"),
+        (".spec.output.uri", "self.startsWith('s3://') && !self.endsWith('://')"),
         (".spec.resources.cpusPerWorker", "self > 0"),
         ("", "oldSelf.spec.model"),
-        ("", "size(self.metadata.name) <= 45"),
     ],
 )
 def test_cel_rules_present(path: str, needle: str) -> None:

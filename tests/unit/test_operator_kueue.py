@@ -20,7 +20,9 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 
 
 def _spec(**overrides: Any) -> ftspec.FineTuneJobSpec:
-    return builders.resolve_spec(ftspec.parse_spec({**BASE, **overrides}), settings=SETTINGS, ident=IDENT)
+    return builders.resolve_spec(
+        ftspec.parse_spec({**BASE, **overrides}), defaults=builders.operator_defaults(SETTINGS), ident=IDENT
+    )
 
 
 # ---- labels, names, priority --------------------------------------------------------------------------------

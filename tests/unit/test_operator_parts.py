@@ -69,7 +69,8 @@ METRICS_TEXT = f"""# HELP {contract.Metric.STEP} steps
 def test_parse_trainer_metrics() -> None:
     sample = parse_trainer_metrics(METRICS_TEXT)
     assert (sample.step, sample.total_steps, sample.resumed_from_step) == (120, 400, 100)
-    assert sample.eval_metric == pytest.approx(0.87) and sample.eval_metric_name == "eval_accuracy"
+    assert sample.eval_metrics == {"eval_accuracy": pytest.approx(0.87)}
+    assert sample.watched("eval_accuracy") == ("eval_accuracy", pytest.approx(0.87))
     assert sample.trainer_phase is contract.TrainerPhase.TRAINING
     assert parse_trainer_metrics("").step is None
 
@@ -254,3 +255,25 @@ def test_per_job_series_are_removed_when_the_job_is_deleted() -> None:
 def test_settings_reference_is_documented() -> None:
     doc = (REPO / "docs" / "operator.md").read_text(encoding="utf-8")
     assert settings_table() in doc, "docs/operator.md drifted from Settings: regenerate its settings table"
+
+
+def test_pod_events_find_their_job_by_owner_reference_not_by_label() -> None:
+    from finetune_operator.handlers import owning_job  # noqa: PLC0415  (kopf import only here)
+
+    long_name = "sst2-minilm-lr2e-5-bs32-seed42-" + "x" * 84
+    ref = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": long_name, "controller": True}
+    assert owning_job({"labels": {"finetune.dev/job": "shortened"}, "ownerReferences": [ref]}) == long_name
+    assert owning_job({"ownerReferences": [{**ref, "kind": "ReplicaSet"}]}) is None
+    assert owning_job({}) is None
+
+
+def test_the_pod_watch_is_filtered_by_the_api_server() -> None:
+    import kopf  # noqa: PLC0415
+    from finetune_operator.handlers import kopf_settings  # noqa: PLC0415
+
+    settings = kopf_settings(max_workers=4)
+    pods = kopf.Resource(group="", version="v1", plural="pods", kind="Pod", namespaced=True)
+    jobs = kopf.Resource(group="finetune.dev", version="v1alpha1", plural="finetunejobs", namespaced=True)
+    selector = settings.watching.label_selectors.collect(pods)
+    assert selector == ["app.kubernetes.io/managed-by=finetune-operator,app.kubernetes.io/name=finetune-job"]
+    assert settings.watching.label_selectors.collect(jobs) == []

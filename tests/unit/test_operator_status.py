@@ -8,8 +8,18 @@ from typing import Any
 
 import pytest
 from finetune_operator import names
+from finetune_operator import observe as ob
 from finetune_operator import status as st
-from finetune_operator.status_model import Artifacts, ClusterInfo, Condition, ConditionType, Phase, Progress, Status
+from finetune_operator.status_model import (
+    Artifacts,
+    ClusterInfo,
+    Condition,
+    ConditionType,
+    Phase,
+    Progress,
+    Status,
+    rfc3339,
+)
 from finetune_operator.trainer_metrics import MetricsSample, parse_trainer_metrics
 from finetune_trainer import contract
 from finetune_trainer import spec as ftspec
@@ -33,16 +43,16 @@ def at(seconds: float) -> dt.datetime:
 
 
 def ts(seconds: float) -> str:
-    return st.rfc3339(at(seconds))
+    return rfc3339(at(seconds))
 
 
-def pod(role: str, *, attempt: int = 1, index: int = 0, **kw: Any) -> st.PodView:
+def pod(role: str, *, attempt: int = 1, index: int = 0, **kw: Any) -> ob.PodView:
     name = names.head_name("job", attempt) if role == "head" else names.worker_name("job", attempt, index)
     defaults: dict[str, Any] = {"phase": "Running", "ready": True, "scheduled": True, "ip": "10.0.0.1", "created": T0}
-    return st.PodView(name=name, role=role, attempt=attempt, **{**defaults, **kw})
+    return ob.PodView(name=name, role=role, attempt=attempt, **{**defaults, **kw})
 
 
-def running_cluster(attempt: int = 1, **head: Any) -> tuple[st.PodView, ...]:
+def running_cluster(attempt: int = 1, **head: Any) -> tuple[ob.PodView, ...]:
     return (
         pod("head", attempt=attempt, **head),
         pod("worker", attempt=attempt, index=0),
@@ -50,8 +60,8 @@ def running_cluster(attempt: int = 1, **head: Any) -> tuple[st.PodView, ...]:
     )
 
 
-def terminated(exit_code: int, *, reason: str = "Error", message: str | None = None) -> st.ContainerView:
-    return st.ContainerView(state="terminated", reason=reason, exit_code=exit_code, message=message)
+def terminated(exit_code: int, *, reason: str = "Error", message: str | None = None) -> ob.ContainerView:
+    return ob.ContainerView(state="terminated", reason=reason, exit_code=exit_code, message=message)
 
 
 def status(phase: Phase | None = None, **kw: Any) -> Status:
@@ -64,14 +74,14 @@ def status(phase: Phase | None = None, **kw: Any) -> Status:
 
 def observe(
     old: Status,
-    pods: tuple[st.PodView, ...] = (),
+    pods: tuple[ob.PodView, ...] = (),
     *,
     now: float = 10,
     the_spec: ftspec.FineTuneJobSpec | None = None,
     metrics: MetricsSample | None = None,
     **kw: Any,
-) -> st.Observed:
-    return st.Observed(
+) -> ob.Observed:
+    return ob.Observed(
         ident=IDENT,
         generation=1,
         spec=the_spec if the_spec is not None else spec(),
@@ -87,7 +97,7 @@ def observe(
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
-    observed: st.Observed
+    observed: ob.Observed
     phase: Phase
     reason: str
     attempt: int = 1
@@ -162,7 +172,7 @@ CASES = [
                     index=0,
                     phase="Pending",
                     ready=False,
-                    container=st.ContainerView(state="waiting", reason="ErrImagePull", message="not found"),
+                    container=ob.ContainerView(state="waiting", reason="ErrImagePull", message="not found"),
                 ),
             ),
         ),
@@ -333,7 +343,7 @@ CASES = [
     ),
     Case(
         "invalid spec fails with the field path",
-        st.Observed(
+        ob.Observed(
             ident=IDENT,
             generation=1,
             spec=None,
@@ -378,22 +388,24 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_calculate(case: Case) -> None:
     plan = st.calculate(case.observed)
-    assert plan.status.phase is case.phase
-    assert (plan.status.reason or "") == case.reason
+    actions = plan.actions
+    assert plan.status.phase is case.phase, (plan.status.reason, plan.status.message)
+    assert (plan.status.reason or "") == case.reason, plan.status.message
     assert plan.attempt == case.attempt
-    assert plan.create_head == case.create_head
-    assert plan.create_workers == case.create_workers
-    assert set(plan.delete_pods) == set(case.delete_pods)
-    assert plan.delete_cluster == case.delete_cluster
-    assert plan.delete_job == case.delete_job
+    assert actions.create_head == case.create_head
+    assert actions.create_workers == case.create_workers
+    assert {p.name for p in actions.delete_pods} == set(case.delete_pods)
+    assert actions.delete_cluster == case.delete_cluster
+    assert actions.delete_job == case.delete_job
     assert case.message_has in (plan.status.message or "") + " ".join(e.message for e in plan.events)
     if case.phase.terminal:
-        assert not (plan.create_head or plan.create_workers or plan.create_support)
+        assert not actions.creates
+    assert len(plan.status.message or "") <= 4096
 
 
 def test_keep_cluster_setting_keeps_pods_after_success() -> None:
     obs = observe(status(Phase.RUNNING), running_cluster(phase="Succeeded", container=terminated(0)), keep_cluster=True)
-    assert st.calculate(obs).delete_cluster is False
+    assert st.calculate(obs).actions.delete_cluster is False
 
 
 def test_success_reports_artifacts_and_completion() -> None:
@@ -418,8 +430,7 @@ def test_progress_from_metrics_with_eta() -> None:
         total_steps=200,
         epoch=0.5,
         loss=0.4,
-        eval_metric=0.9,
-        eval_metric_name="eval_accuracy",
+        eval_metrics={"eval_accuracy": 0.9},
         samples_per_second=64.0,
     )
     plan = st.calculate(observe(status(Phase.RUNNING), running_cluster(), metrics=sample))
@@ -440,12 +451,14 @@ def test_progress_time_only_moves_when_step_advances() -> None:
 
 
 def test_relaunched_trainer_not_reporting_yet_keeps_the_step() -> None:
-    """Attempt 2's driver, still loading, has no progress: the status keeps step 50 rather than showing 0."""
+    """Attempt 2's driver, still loading, has no progress: the status keeps step 50 rather than showing 0, and the
+    no-progress clock stops while the model loads."""
     old = status(Phase.RUNNING, progress=Progress(step=50, total_steps=200, last_progress_time=ts(0)))
     m = contract.Metric
     loading = parse_trainer_metrics(f'{m.STEP} 0\n{m.RESUMED_FROM_STEP} 0\n{m.PHASE}{{phase="Loading"}} 1\n')
     progress = st.calculate(observe(old, running_cluster(), now=30, metrics=loading)).status.progress
-    assert progress is not None and progress.step == 50 and progress.last_progress_time == ts(0)
+    assert progress is not None and progress.step == 50 and progress.trainer_phase == "Loading"
+    assert progress.last_progress_time == ts(30)
 
 
 def test_events_for_transitions() -> None:
@@ -480,14 +493,14 @@ def _pod_dict(**status: Any) -> dict[str, Any]:
 
 
 def test_pod_view_reads_the_real_reasons() -> None:
-    view = st.pod_view(
+    view = ob.pod_view(
         _pod_dict(
             phase="Pending",
             conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/2 nodes"}],
         )
     )
     assert view is not None and view.unschedulable_message == "0/2 nodes" and not view.scheduled
-    view = st.pod_view(
+    view = ob.pod_view(
         _pod_dict(
             phase="Failed",
             podIP="10.1.1.1",
@@ -496,7 +509,7 @@ def test_pod_view_reads_the_real_reasons() -> None:
     )
     assert view is not None and view.container.exit_code == 6 and view.ip == "10.1.1.1"
     assert view.created == T0
-    assert st.pod_view({"metadata": {"name": "other", "labels": {}}}) is None
+    assert ob.pod_view({"metadata": {"name": "other", "labels": {}}}) is None
 
 
 def test_unreadable_status_is_treated_as_empty() -> None:

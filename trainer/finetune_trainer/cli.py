@@ -34,6 +34,7 @@ from finetune_trainer.driver import RunOptions, preflight, run_training
 from finetune_trainer.errors import InterruptedRunError, InvalidSpecError, TrainerError, TrainingError
 from finetune_trainer.local import run_local
 from finetune_trainer.metrics import TrainerMetrics
+from finetune_trainer.shape import worker_shape
 from finetune_trainer.spec import SpecError, load_job
 
 TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"
@@ -156,6 +157,8 @@ def train_main(argv: Sequence[str]) -> int:
         if args.metrics_port:
             metrics.serve(args.metrics_port)
         preflight(spec, output_uri=spec.output.uri, base_dir=None)
+        # Exactly what each worker pod advertises to Ray (the operator starts it from the same shape).
+        shape = worker_shape(spec.resources)
         ray.init(address=args.ray_address, log_to_driver=True, logging_level=logging.WARNING)
         try:
             result = run_training(
@@ -164,8 +167,8 @@ def train_main(argv: Sequence[str]) -> int:
                     run_name=args.run_name or job.metadata.name,
                     output_uri=spec.output.uri,
                     workers=spec.resources.workers,
-                    cpus_per_worker=spec.resources.cpus,
-                    gpus_per_worker=spec.resources.gpus_per_worker,
+                    cpus_per_worker=shape.ray_cpus,
+                    gpus_per_worker=shape.gpus,
                     attempt=args.attempt,
                     max_failures=args.max_failures,
                     resource_wait_seconds=args.resource_wait_seconds,

@@ -79,6 +79,9 @@ class TrainerReport:
     baseline: float | None = None  # the same metric for evaluation.baseline (None when baseline: none)
     negative_transfer: bool | None = None  # fine-tuning did not beat the baseline by evaluation.minGain
     kept_step: int | None = None  # the step whose weights are the published model (early stopping keeps the best)
+    # The checkpoint step this attempt resumed from (0 = fresh start; the latest one when Ray Train restarted the
+    # workers within the attempt): lets the operator record it durably per attempt without relying on a scrape.
+    resumed_from_step: int | None = None
 
     def to_line(self) -> str:
         """Compact JSON, at most TERMINATION_MESSAGE_LIMIT bytes: drops log lines, then shortens the message."""
@@ -138,6 +141,7 @@ def _report_from(data: dict[str, Any]) -> TrainerReport:
 
     tail = data.get("logTail")
     kept = num("keptStep")
+    resumed = num("resumedFromStep")
     neg = data.get("negativeTransfer")
     return TrainerReport(
         reason=data["reason"],
@@ -149,6 +153,7 @@ def _report_from(data: dict[str, Any]) -> TrainerReport:
         baseline=num("baseline"),
         negative_transfer=neg if isinstance(neg, bool) else None,
         kept_step=int(kept) if kept is not None else None,
+        resumed_from_step=int(resumed) if resumed is not None else None,
     )
 
 

@@ -5,7 +5,7 @@ reconciles, and both must agree to the letter. The operator generates the CRD sc
 field carries a description (it becomes `kubectl explain` text). This module imports only pydantic and yaml: the
 operator image has no torch or ray, and must be able to import it.
 
-Field names are snake_case in Python and camelCase on the wire (aliases), exactly as in DESIGN.md.
+Field names are snake_case in Python and camelCase on the wire (aliases), as in docs/api-reference.md.
 """
 
 from __future__ import annotations
@@ -404,7 +404,8 @@ class ObjectMeta(BaseModel):
     """The part of metadata the trainer cares about; everything else in metadata is kept as-is."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=52)
+    # Any Kubernetes object name (a DNS subdomain): the operator shortens child names itself.
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$", max_length=253)
     namespace: str | None = None
 
 

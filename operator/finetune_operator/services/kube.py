@@ -19,12 +19,13 @@ from finetune_operator import names
 Body = dict[str, Any]
 
 _CORE_KINDS = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps", "Event": "events"}
+# The kinds of a job's children, in creation order (pods last); cleanup deletes them in reverse.
+CHILD_KINDS = ("ConfigMap", "NetworkPolicy", "Service", "Pod")
 _GROUP_KINDS = {
     "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "Lease": ("coordination.k8s.io/v1", "leases"),
-    names.KIND: (names.API_VERSION, names.PLURAL),
+    names.KIND: (names.GROUP_VERSION, names.PLURAL),
 }
-JOBS_PATH = f"/apis/{names.API_VERSION}"
 
 
 class ApiError(Exception):
@@ -118,6 +119,26 @@ class Kube:
             if e.status == 404:
                 return None
             raise
+
+    async def pod_log_tail(self, *, namespace: str, name: str, lines: int) -> list[str]:
+        """The last lines of a pod's (first container's) log; empty when it cannot be read (best effort)."""
+        query = [("tailLines", str(lines)), ("limitBytes", "65536")]
+        path = f"{collection_path('Pod', namespace)}/{name}/log"
+        if self.on_request is not None:
+            self.on_request("GET")
+        try:
+            text = await self.api.call_api(
+                path,
+                "GET",
+                query_params=query,
+                header_params={"Accept": "text/plain"},
+                response_types_map={200: "str"},
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        except (k8s.ApiException, TimeoutError, aiohttp.ClientError, ValueError):
+            return []
+        return str(text or "").splitlines()[-lines:]
 
     async def list(self, kind: str, *, namespace: str | None, selector: str | None = None) -> list[Body]:
         query = [("labelSelector", selector)] if selector else []

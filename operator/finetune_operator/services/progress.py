@@ -15,7 +15,7 @@ from finetune_trainer import spec as ftspec
 from finetune_trainer.contract import TrainerPhase
 
 from finetune_operator.builders import METRICS_PORT
-from finetune_operator.status import PodView
+from finetune_operator.observe import PodView
 from finetune_operator.trainer_metrics import MetricsParseError, MetricsSample, parse_trainer_metrics
 
 logger = logging.getLogger(__name__)

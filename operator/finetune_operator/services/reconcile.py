@@ -17,15 +17,20 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from finetune_trainer import contract
 from finetune_trainer import spec as ftspec
 
 from finetune_operator import builders, names
 from finetune_operator import status as st
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.observe import Observed, PodView, owned_by, pod_view
+from finetune_operator.services import children
 from finetune_operator.services.kube import ApiError, Body, Kube
 from finetune_operator.services.progress import ProgressSource
 from finetune_operator.settings import Settings
-from finetune_operator.status_model import Artifacts, Phase, Status
+from finetune_operator.status import parse_status
+from finetune_operator.status_model import Artifacts, OperatorDefaults, Phase, Status, clip, parse_time, rfc3339
+from finetune_operator.trainer_metrics import MetricsSample
 
 logger = logging.getLogger(__name__)
 
@@ -76,64 +81,83 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
     return patch
 
 
-def _owned(pod: Mapping[str, Any], uid: str) -> bool:
-    refs = pod.get("metadata", {}).get("ownerReferences") or []
-    return any(ref.get("uid") == uid for ref in refs)
-
-
-async def observe(ctx: Context, job: Body, *, scrape: bool) -> tuple[st.Observed, ftspec.FineTuneJobSpec | None]:
-    meta = job["metadata"]
-    old = st.parse_status(job.get("status"))
-    ident = names.JobIdentity(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"], attempt=old.attempt or 1)
-    spec: ftspec.FineTuneJobSpec | None = None
-    error: ftspec.SpecError | None = None
+def _resolve(
+    ctx: Context, job: Body, *, ident: names.JobIdentity, old: Status
+) -> tuple[ftspec.FineTuneJobSpec | None, ftspec.SpecError | None, OperatorDefaults]:
+    """The typed spec with the operator defaults this job pinned at its first reconcile (else today's settings)."""
+    defaults = old.operator_defaults or builders.operator_defaults(ctx.settings)
     try:
-        spec = builders.resolve_spec(ftspec.parse_spec(job.get("spec")), settings=ctx.settings, ident=ident)
+        spec = builders.resolve_spec(ftspec.parse_spec(job.get("spec")), defaults=defaults, ident=ident)
     except ftspec.SpecError as e:
-        error = e
+        return None, e, defaults
+    return spec, None, defaults
+
+
+async def _sample(
+    ctx: Context, *, spec: ftspec.FineTuneJobSpec | None, old: Status, pods: tuple[PodView, ...], attempt: int
+) -> MetricsSample | None:
+    if spec is None or spec.suspend or (old.phase is not None and old.phase.terminal):
+        return None
+    head = next((p for p in pods if p.role == names.ROLE_HEAD and p.attempt == attempt and p.phase == "Running"), None)
+    return await ctx.progress.sample(head=head, spec=spec, now=ctx.clock()) if head is not None else None
+
+
+async def _log_tails(ctx: Context, *, namespace: str, pods: tuple[PodView, ...]) -> dict[str, tuple[str, ...]]:
+    """Best effort: the log tail of each failed pod whose trainer left no report (OOM kill, crash, node loss)."""
+    tails: dict[str, tuple[str, ...]] = {}
+    for pod in pods:
+        if pod.phase == "Failed" and pod.container.report is None:
+            lines = await ctx.kube.pod_log_tail(namespace=namespace, name=pod.name, lines=contract.LOG_TAIL_LINES)
+            if lines:
+                tails[pod.name] = tuple(lines)
+    return tails
+
+
+async def observe(ctx: Context, job: Body, *, scrape: bool) -> tuple[Observed, ftspec.FineTuneJobSpec | None]:
+    meta = job["metadata"]
+    old = parse_status(job.get("status"))
+    ident = names.JobIdentity(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"], attempt=old.attempt or 1)
+    spec, error, defaults = _resolve(ctx, job, ident=ident, old=old)
     raw_pods = await ctx.kube.list("Pod", namespace=ident.namespace, selector=names.job_selector(ident.name))
-    pods = tuple(v for p in raw_pods if _owned(p, ident.uid) and (v := st.pod_view(p)) is not None)
-    now = ctx.clock()
-    sample = None
-    if scrape and spec is not None and not spec.suspend and not (old.phase and old.phase.terminal):
-        head = next(
-            (p for p in pods if p.role == names.ROLE_HEAD and p.attempt == ident.attempt and p.phase == "Running"),
-            None,
-        )
-        if head is not None:
-            sample = await ctx.progress.sample(head=head, spec=spec, now=now)
-    artifacts = Artifacts(**builders.artifact_uris(spec, ident=ident)) if spec is not None else None
-    observed = st.Observed(
+    # Only pods this job owns (by uid): a previous incarnation's pods, still being collected, are not ours.
+    pods = tuple(v for p in raw_pods if owned_by(p, ident.uid) and (v := pod_view(p)) is not None)
+    sample = await _sample(ctx, spec=spec, old=old, pods=pods, attempt=ident.attempt) if scrape else None
+    terminal = old.phase is not None and old.phase.terminal
+    tails = {} if terminal else await _log_tails(ctx, namespace=ident.namespace, pods=pods)
+    observed = Observed(
         ident=ident,
         generation=int(meta.get("generation") or 0),
         spec=spec,
         old=old,
         pods=pods,
-        now=now,
+        now=ctx.clock(),
         metrics=sample,
         spec_error=error,
         keep_cluster=ctx.settings.keep_cluster_on_finish,
-        artifacts=artifacts,
+        artifacts=Artifacts(**builders.artifact_uris(spec, ident=ident)) if spec is not None else None,
+        created=meta.get("creationTimestamp"),
+        defaults=defaults,
+        log_tails=tails,
     )
     return observed, spec
 
 
 async def _event(ctx: Context, *, job: Body, event: st.Event) -> None:
     meta = job["metadata"]
-    now = st.rfc3339(ctx.clock())
+    now = rfc3339(ctx.clock())
     body = {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "metadata": {"generateName": f"{names.child_base(meta['name'])}.", "namespace": meta["namespace"]},
         "involvedObject": {
-            "apiVersion": names.API_VERSION,
+            "apiVersion": names.GROUP_VERSION,
             "kind": names.KIND,
             "name": meta["name"],
             "namespace": meta["namespace"],
             "uid": meta["uid"],
         },
         "reason": event.reason,
-        "message": event.message[:1024],
+        "message": clip(event.message, st.EVENT_MESSAGE_MAX),
         "type": event.type,
         "source": {"component": names.MANAGER},
         "reportingComponent": f"{names.GROUP}/operator",
@@ -148,18 +172,6 @@ async def _event(ctx: Context, *, job: Body, event: st.Event) -> None:
         logger.warning("could not post event %s for %s/%s: %s", event.reason, meta["namespace"], meta["name"], e)
 
 
-async def delete_cluster(ctx: Context, *, ident: names.JobIdentity, pods: tuple[st.PodView, ...]) -> None:
-    """Delete every child of every attempt; names are deterministic, so no listing is needed beyond the pods."""
-    kube, ns = ctx.kube, ident.namespace
-    for pod in pods:
-        if not pod.deleting:
-            await kube.delete("Pod", namespace=ns, name=pod.name)
-    for attempt in range(1, ident.attempt + 1):
-        await kube.delete("Service", namespace=ns, name=names.head_name(ident.name, attempt))
-    await kube.delete("ConfigMap", namespace=ns, name=names.config_map_name(ident.name))
-    await kube.delete("NetworkPolicy", namespace=ns, name=names.network_policy_name(ident.name))
-
-
 def _record_metrics(ctx: Context, *, old: Status, new: Status, ident: names.JobIdentity, created: str | None) -> None:
     """Operator metrics from a status transition (computed from old/new status, so a restart does not skew them)."""
     m = ctx.metrics
@@ -170,57 +182,80 @@ def _record_metrics(ctx: Context, *, old: Status, new: Status, ident: names.JobI
         m.attempts.inc()  # a retry or a resume
         if (new.failed_attempts or 0) > (old.failed_attempts or 0):
             m.retries.inc()
+    first_step = new.timeline.first_step if new.timeline else None
+    if first_step is not None and (old.timeline is None or old.timeline.first_step is None):
+        began, stepped = parse_time(created), parse_time(first_step)
+        if began is not None and stepped is not None:
+            m.time_to_first_step.observe(max(0.0, (stepped - began).total_seconds()))
     if new.phase is old.phase or new.phase is None:
         return
     if new.phase is Phase.RUNNING and (new.attempt or 1) == 1:
-        began = st.parse_time(created)
+        began = parse_time(created)
         if began is not None:
             m.time_to_running.observe(max(0.0, (ctx.clock() - began).total_seconds()))
     if new.phase.terminal:
-        start, end = st.parse_time(new.start_time), st.parse_time(new.completion_time)
+        start, end = parse_time(new.start_time), parse_time(new.completion_time)
         if start is not None and end is not None:
             m.job_duration.labels(result=new.phase.value).observe(max(0.0, (end - start).total_seconds()))
         if new.phase is Phase.FAILED:
             m.failures.labels(reason=new.reason or "Unknown").inc()
 
 
+async def _write_status(
+    ctx: Context, *, ident: names.JobIdentity, resource_version: str, old: Status, new: Status
+) -> str:
+    """Merge-patch the status under the resourceVersion it was decided from; returns the new resourceVersion."""
+    old_wire, new_wire = old.wire(), new.wire()
+    if old_wire == new_wire:
+        return resource_version
+    try:
+        body = await ctx.kube.patch_job_status(
+            namespace=ident.namespace,
+            name=ident.name,
+            resource_version=resource_version,
+            status=merge_patch(old_wire, new_wire),
+        )
+    except ApiError as e:
+        if e.status in {404, 409}:
+            raise ConflictError(f"{ident.namespace}/{ident.name} changed while reconciling ({e.message})") from e
+        raise
+    return str(body.get("metadata", {}).get("resourceVersion") or resource_version)
+
+
 async def apply_plan(
-    ctx: Context, *, job: Body, observed: st.Observed, spec: ftspec.FineTuneJobSpec | None, plan: st.Plan
+    ctx: Context, *, job: Body, observed: Observed, spec: ftspec.FineTuneJobSpec | None, plan: st.Plan
 ) -> None:
+    """Write the status, then act; a child the API server refuses is reported in the status right away."""
     meta = job["metadata"]
     ident = dataclasses.replace(observed.ident, attempt=plan.attempt)
-    old_wire = observed.old.wire()
-    new_wire = plan.status.wire()
-    if old_wire != new_wire:
-        try:
-            await ctx.kube.patch_job_status(
-                namespace=ident.namespace,
-                name=ident.name,
-                resource_version=meta["resourceVersion"],
-                status=merge_patch(old_wire, new_wire),
-            )
-        except ApiError as e:
-            if e.status in {404, 409}:
-                raise ConflictError(f"{ident.namespace}/{ident.name} changed while reconciling ({e.message})") from e
-            raise
+    version = await _write_status(
+        ctx, ident=ident, resource_version=meta["resourceVersion"], old=observed.old, new=plan.status
+    )
     _record_metrics(ctx, old=observed.old, new=plan.status, ident=ident, created=meta.get("creationTimestamp"))
     for event in plan.events:
         await _event(ctx, job=job, event=event)
-    for name in plan.delete_pods:
-        await ctx.kube.delete("Pod", namespace=ident.namespace, name=name)
-    if plan.delete_cluster:
-        await delete_cluster(ctx, ident=ident, pods=observed.pods)
-    if spec is not None and (plan.create_support or plan.create_head or plan.create_workers):
+    actions = plan.actions
+    await children.delete_pods(ctx.kube, namespace=ident.namespace, pods=actions.delete_pods)
+    if actions.delete_cluster:
+        await children.delete_owned(ctx.kube, ident=ident)
+    if spec is not None and actions.creates:
         rendered = builders.build_children(spec, settings=ctx.settings, ident=ident)
-        todo = []
-        if plan.create_support:
-            todo += [rendered.config_map, rendered.network_policy, rendered.service]
-        if plan.create_head:
-            todo.append(rendered.head)
-        todo += [rendered.workers[i] for i in plan.create_workers]
-        for manifest in todo:
-            await ctx.kube.create(manifest)
-    if plan.delete_job:
+        problem = await children.create_children(
+            ctx.kube,
+            rendered,
+            uid=ident.uid,
+            support=actions.create_support,
+            head=actions.create_head,
+            workers=actions.create_workers,
+        )
+        if problem is not None:
+            status, events = st.record_creation_problem(
+                plan.status, problem, now=ctx.clock(), generation=observed.generation
+            )
+            await _write_status(ctx, ident=ident, resource_version=version, old=plan.status, new=status)
+            for event in events:
+                await _event(ctx, job=job, event=event)
+    if actions.delete_job:
         await ctx.kube.delete(names.KIND, namespace=ident.namespace, name=ident.name, uid=ident.uid)
         ctx.forget(ident.namespace, ident.name)
 
