@@ -15,8 +15,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.devcluster.cluster import CPU_POOL_LABEL, DevCluster
-from tests.devcluster.testing import wait_for
+from devcluster.testing import wait_for
+from tests.devcluster.cluster import CPU_POOL_LABEL
+from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import (
     Jobs,
     OperatorHandle,

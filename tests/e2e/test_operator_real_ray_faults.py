@@ -20,7 +20,8 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.devcluster.cluster import CPU_POOL_LABEL, DevCluster
+from tests.devcluster.cluster import CPU_POOL_LABEL
+from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import (
     Jobs,
     OperatorHandle,
