@@ -51,11 +51,7 @@ def node_manifest(node: KwokNode) -> dict[str, Any]:
         "kind": "Node",
         "metadata": {"name": node.name, "labels": labels, "annotations": {KWOK_ANNOTATION: "fake"}},
         "spec": {"taints": [dict(t) for t in node.taints]} if node.taints else {},
-        "status": {
-            "capacity": capacity,
-            "allocatable": capacity,
-            "nodeInfo": {"kubeletVersion": "fake", "operatingSystem": "linux", "architecture": "amd64"},
-        },
+        "status": {"capacity": capacity, "allocatable": capacity},
     }
     return body
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from kubernetes import client as k8s
 
-from devcluster import cgroups, coredns, images, network, procs, realnode
+from devcluster import cgroups, coredns, hostsysctl, images, network, procs, realnode
 from devcluster.binaries import ensure_built, locate
 from devcluster.cluster import NODE_IMAGES, DevCluster, real_node_names
-from devcluster.controlplane import STOP_ORDER, ControlPlane, api_client
+from devcluster.controlplane import STOP_ORDER, ControlPlane, api_client, tail_file
 from devcluster.kube import call_json
 from devcluster.nodeconfig import NodePlan
 
@@ -36,6 +36,15 @@ def _silent(_msg: str) -> None:
 def running(state_dir: Path) -> bool:
     """Whether any process recorded for the cluster in `state_dir` is still alive."""
     return any(r.alive() for r in procs.recorded(state_dir / "pids"))
+
+
+def has_running_real_nodes(state_dir: Path) -> bool:
+    """Whether `state_dir` holds a running cluster with real nodes."""
+    try:
+        info = json.loads((state_dir / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(info.get("real_nodes")) and running(state_dir)
 
 
 def _write_info(state_dir: Path, info: dict[str, Any]) -> None:
@@ -135,6 +144,7 @@ def _start_nodes(cluster: DevCluster, *, server: str, log: Log, die_with_caller:
         log_dir=cluster.log_dir,
         die_with_caller=die_with_caller,
     )
+    hostsysctl.record()  # kubelet changes host-wide kernel settings; the last cluster's down restores them
     t1 = time.monotonic()
     started: list[tuple[NodePlan, int]] = []
     for plan in cluster.node_plans():
@@ -162,7 +172,8 @@ def _start_nodes(cluster: DevCluster, *, server: str, log: Log, die_with_caller:
 def _alive_or_raise(cluster: DevCluster) -> None:
     for rec in procs.recorded(cluster.pid_dir):
         if not rec.alive():
-            raise RuntimeError(f"{rec.name} exited:\n" + cluster.log_tails(lines=30))
+            log_path = cluster.log_dir / f"{rec.name}.log"
+            raise RuntimeError(f"{rec.name} exited during start-up; last lines of {log_path}:\n{tail_file(log_path)}")
 
 
 def _wait_ready(cluster: DevCluster, names: Sequence[str], *, timeout: float) -> None:
@@ -230,6 +241,10 @@ def down(state_dir: Path, *, log: Log = print) -> None:
             if left:
                 log(f"cgroups of node {name} still busy: {cgroups.busy(net.cgroup_root)}")
         cgroups.remove(net.cgroup_root)
+        if info.get("real_nodes"):
+            restored = hostsysctl.restore_if_last(state_dir, has_real_nodes=has_running_real_nodes)
+            if restored:
+                log(f"restored host kernel settings kubelet had changed: {restored}")
         removed = network.sweep(net)
         if removed:
             log(f"removed network objects: {', '.join(removed)}")

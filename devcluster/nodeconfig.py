@@ -29,11 +29,15 @@ SERVICE_CIDR = "10.96.0.0/16"
 CLUSTER_DNS = "10.96.0.10"
 KUBELET_PORT = 10250
 # Host directories bind-mounted over these paths in the node's private mount namespace (relative to the
-# node's state dir): everything a kubelet/containerd/CNI plugin writes at a fixed path stays per node.
+# node's state dir): everything a kubelet/containerd/CNI plugin writes at a fixed path stays per node, and the
+# paths the node's unix sockets live under stay short (a socket path may not exceed 107 bytes, and a pytest
+# tmp dir is already 70).
 NODE_BINDS = {
     "run": "/run/containerd",  # containerd state, its sockets, shim sockets, runc state, pod netns pins
-    "cni-lib": "/var/lib/cni",  # CNI result cache and host-local IP allocations
+    "kubelet": "/var/lib/kubelet",  # kubelet's root dir: pod volumes, plugin and pod-resources sockets
+    "pod-logs": "/var/log/pods",  # container logs
     "log-containers": "/var/log/containers",  # kubelet's symlinks to container logs
+    "cni-lib": "/var/lib/cni",  # CNI result cache and host-local IP allocations
 }
 NODE_LABEL = "devcluster.finetune.dev/node"
 
@@ -183,7 +187,6 @@ def kubelet_config(plan: NodePlan, *, ca: Path, serving_cert: Path, serving_key:
         "failSwapOn": False,
         "clusterDomain": CLUSTER_DOMAIN,
         "clusterDNS": [CLUSTER_DNS],
-        "podLogsDir": str(plan.dir / "pod-logs"),
         "maxPods": 110,
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
@@ -208,8 +211,7 @@ def kubelet_args(plan: NodePlan, *, config: Path, kubeconfig: Path) -> list[str]
         f"--hostname-override={plan.name}",
         f"--node-ip={plan.ip}",
         f"--node-labels={labels}",
-        f"--root-dir={plan.dir / 'kubelet'}",
-        f"--cert-dir={plan.dir / 'kubelet' / 'pki'}",
+        "--root-dir=/var/lib/kubelet",
         "--v=1",
     ]
 

@@ -92,7 +92,7 @@ def _write(path: Path, text: str) -> Path:
 
 def write_files(plan: NodePlan, *, access: ClusterAccess, sandbox_image: str) -> dict[str, Path]:
     """Certificates, kubeconfigs and config files of the node's components; returns their paths by role."""
-    for d in ("etc", "containerd", "kubelet", "pod-logs", "cni-conf", *NODE_BINDS):
+    for d in ("etc", "containerd", "cni-conf", *NODE_BINDS):
         (plan.dir / d).mkdir(parents=True, exist_ok=True)
     certs = pki.issue_node(access.pki_dir, name=plan.name, ip=plan.ip)
     proxy = pki.issue_client(access.pki_dir, stem="kube-proxy", user="system:kube-proxy")
@@ -241,7 +241,7 @@ def stop_order(names: Sequence[str]) -> list[str]:
 def cleanup(plan: NodePlan) -> list[Path]:
     """After the node's processes are gone: remove its cgroups and heavy state; return cgroups left behind."""
     left = cgroups.remove(plan.cgroup_root)
-    for d in ("containerd", "kubelet", "run", "cni-lib"):
+    for d in ("containerd", "kubelet", "run", "cni-lib", "pod-logs", "log-containers"):
         subprocess.run(["rm", "-rf", "--one-file-system", str(plan.dir / d)], check=False)
     return left
 

@@ -13,7 +13,7 @@ import pytest
 from kubernetes import client as k8s
 
 import devcluster
-from devcluster import realnode, traces
+from devcluster import hostsysctl, launcher, network, realnode, traces
 from devcluster.binaries import REPO_ROOT
 from devcluster.kube import call_json
 from devcluster.nodeconfig import NODE_LABEL
@@ -57,6 +57,7 @@ def test_two_real_nodes_then_down_leaves_no_trace(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
     state = tmp_path / "c"
+    kernel_before = hostsysctl.read()
     up = subprocess.run(
         [*CLI, "up", "--nodes", "2", "--state-dir", str(state)],
         cwd=REPO_ROOT,
@@ -91,3 +92,7 @@ def test_two_real_nodes_then_down_leaves_no_trace(tmp_path: Path) -> None:
         )
     assert down.returncode == 0, down.stderr
     assert traces.traces(state, net, nodes=namespaces) == traces.Traces()
+    # kubelet changed host-wide kernel settings; the last real-node cluster's down puts them back.
+    others = [o for o in network.claimed_indexes().values() if launcher.has_running_real_nodes(o)]
+    if not others:
+        assert hostsysctl.read() == kernel_before
