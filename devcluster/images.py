@@ -7,9 +7,10 @@ address=...)` -- for the three images the real node and its tests need before th
 - `coredns`: the CoreDNS binary built by hack/build-binaries.sh (static, CGO off);
 - `base`: a Debian bookworm root filesystem from `debootstrap --variant=minbase --include=python3`.
 
-Each is built with buildah (from scratch, private vfs storage under the cache so concurrent builds of other
-sessions are not disturbed), pushed to an OCI archive keyed by a hash of its inputs, and imported with
-containerd's `ctr`. A changed input means a new tag; an unchanged one is never rebuilt.
+Each is built with buildah (from scratch, private vfs storage under $FT_CACHE/images-standin so the real
+builder's cache and concurrent builds of other sessions are not disturbed), pushed to an OCI archive keyed by
+a hash of its inputs, and imported with containerd's `ctr`. A changed input means a new tag; an unchanged one
+is never rebuilt.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _run(*argv: str, log: Callable[[str], None]) -> str:
 
 
 def _buildah(*args: str, log: Callable[[str], None]) -> str:
-    store = cache_dir() / "images" / "buildah"
+    store = cache_dir() / "images-standin" / "buildah"
     return _run(
         "buildah",
         f"--root={store / 'root'}",
@@ -94,7 +95,7 @@ def _recipe(name: str) -> str:
 
 
 def _archive(image: Image) -> Path:
-    return cache_dir() / "images" / image.name / f"{image.ref.rsplit(':', 1)[1]}.oci.tar"
+    return cache_dir() / "images-standin" / image.name / f"{image.ref.rsplit(':', 1)[1]}.oci.tar"
 
 
 def _commit(ctr: str, image: Image, *, config: Sequence[str], log: Callable[[str], None]) -> None:
