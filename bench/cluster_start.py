@@ -34,6 +34,7 @@ LABELS = {
     "scheduler_ready": "kube-scheduler healthy",
     "node_images": "node images (pause, coredns) ensured",
     "node_ready": "real nodes Ready (from node start)",
+    "up_to_node_ready": "up() start to real nodes Ready",
     "dns_ready": "CoreDNS ready (after nodes Ready)",
     "total": "cluster up (total)",
     "base_image_import": "base image imported into the node",

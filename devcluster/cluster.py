@@ -180,7 +180,7 @@ class DevCluster:
         taints: Sequence[Mapping[str, str]] = (),
     ) -> None:
         """Register a simulated node (kwok controller started on first use); returns once it is Ready."""
-        self._ensure_kwok()
+        self.ensure_kwok()
         node = kwok.KwokNode(
             name=name, cpu=cpu, memory=memory, gpus=gpus, pods=pods, labels=labels or {}, taints=taints
         )
@@ -209,7 +209,8 @@ class DevCluster:
                 kwok.end_pod_status(pod, exit_code=exit_code, message=message),
             )
 
-    def _ensure_kwok(self) -> None:
+    def ensure_kwok(self) -> None:
+        """Start the kwok controller unless it runs (kwok nodes need it; it manages only kwok-annotated nodes)."""
         if any(r.name == "kwok" and r.alive() for r in procs.recorded(self.pid_dir)):
             return
         if not os.access(self.binaries.kwok, os.X_OK):

@@ -118,9 +118,10 @@ def up(
             binaries=binaries,
         )
         if nodes:
-            info["timings"] |= _start_nodes(cluster, server=ep.server, log=log, die_with_caller=die_with_caller)
+            started = _start_nodes(cluster, server=ep.server, log=log, die_with_caller=die_with_caller, t_up=t0)
+            info["timings"] |= started
         if kwok:
-            cluster._ensure_kwok()
+            cluster.ensure_kwok()
     except BaseException:
         down(state_dir, log=_silent)
         raise
@@ -130,7 +131,7 @@ def up(
     return cluster
 
 
-def _start_nodes(cluster: DevCluster, *, server: str, log: Log, die_with_caller: bool) -> dict[str, float]:
+def _start_nodes(cluster: DevCluster, *, server: str, log: Log, die_with_caller: bool, t_up: float) -> dict[str, float]:
     """Start every real node, route between them, wait for Ready, then deploy CoreDNS and wait for it."""
     timings: dict[str, float] = {}
     t0 = time.monotonic()
@@ -160,6 +161,7 @@ def _start_nodes(cluster: DevCluster, *, server: str, log: Log, die_with_caller:
     realnode.route_between(started)
     _wait_ready(cluster, [p.name for p, _ in started], timeout=120)
     timings["node_ready"] = time.monotonic() - t1
+    timings["up_to_node_ready"] = time.monotonic() - t_up
     log(f"real nodes Ready after {timings['node_ready']:.1f}s: {[p.name for p, _ in started]}")
     t2 = time.monotonic()
     cluster.apply([*coredns.rbac(), *coredns.workload(built["coredns"].ref)])
