@@ -23,6 +23,9 @@ def _up(state_dir: Path, *, nodes: int, kwok: bool) -> int:
         return 0
     t0 = time.monotonic()
     cluster = up(state_dir, nodes=nodes, kwok=kwok)
+    ready = cluster.timings().get("up_to_node_ready")
+    if ready is not None:
+        print(f"nodes Ready {ready:.1f}s after start")
     print(f"dev cluster ready in {time.monotonic() - t0:.1f}s")
     print(f"export KUBECONFIG={cluster.kubeconfig}")
     print(f"kubectl: {cluster.binaries.kubectl}; stop with: make cluster-down")
