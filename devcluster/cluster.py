@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ class DevCluster:
 
     def node_plans(self) -> list[NodePlan]:
         """The real nodes of this cluster."""
-        return [_plan(self.state_dir, self.net, k, name) for k, name in enumerate(self.info().get("real_nodes") or [])]
+        names = self.info().get("real_nodes") or []
+        return [NodePlan(name=name, k=k, net=self.net, cluster_state=self.state_dir) for k, name in enumerate(names)]
 
     # -- clients -------------------------------------------------------------------------------------------
 
@@ -227,6 +229,7 @@ class DevCluster:
             log_path=self.log_dir / "kwok.log",
             pid_dir=self.pid_dir,
             die_with_parent=bool(self.info().get("die_with_caller")) and owner == os.getpid(),
+            death_signal=signal.SIGKILL,
         )
 
 
@@ -239,10 +242,6 @@ def _node_ready(api: k8s.ApiClient, name: str) -> bool:
         raise
     conds = (node.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
-
-
-def _plan(state_dir: Path, net: network.NetConfig, k: int, name: str) -> NodePlan:
-    return NodePlan(name=name, k=k, net=net, cluster_state=state_dir)
 
 
 def real_node_names(count: int) -> list[str]:

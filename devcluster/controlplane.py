@@ -9,6 +9,7 @@ account issuer/keys) and trade durability for speed where it does not (etcd with
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import time
@@ -137,7 +138,9 @@ class ControlPlane:
         # for the process node (it forwards for its pods), the host's bridge address when real nodes run in
         # their own network namespaces and reach the API server (and pods reach it through the Service VIP).
         self.bind_address = bind_address
-        self.die_with_caller = die_with_caller  # components get SIGTERM when this process dies
+        # Components get SIGKILL when this process dies: a graceful API server shutdown can hang for minutes
+        # once etcd is gone, and nothing of a throw-away cluster is worth a graceful stop.
+        self.die_with_caller = die_with_caller
         self.binaries = binaries
         self.extra_ips = extra_ips
         self.log = log
@@ -215,6 +218,7 @@ class ControlPlane:
             log_path=self.log_dir / "etcd.log",
             pid_dir=self.pid_dir,
             die_with_parent=self.die_with_caller,
+            death_signal=signal.SIGKILL,
         )
 
     def _start_apiserver(self, ep: Endpoints, certs: pki_mod.Pki) -> None:
@@ -247,6 +251,7 @@ class ControlPlane:
             log_path=self.log_dir / "kube-apiserver.log",
             pid_dir=self.pid_dir,
             die_with_parent=self.die_with_caller,
+            death_signal=signal.SIGKILL,
         )
 
     def _start_kcm(self, kubeconfig: Path, certs: pki_mod.Pki) -> None:
@@ -271,6 +276,7 @@ class ControlPlane:
             log_path=self.log_dir / "kube-controller-manager.log",
             pid_dir=self.pid_dir,
             die_with_parent=self.die_with_caller,
+            death_signal=signal.SIGKILL,
         )
 
     def start_scheduler(self, *, timeout: float = 60.0) -> None:
@@ -293,6 +299,7 @@ class ControlPlane:
             log_path=self.log_dir / "kube-scheduler.log",
             pid_dir=self.pid_dir,
             die_with_parent=self.die_with_caller,
+            death_signal=signal.SIGKILL,
         )
         self._wait_https_ok(f"https://127.0.0.1:{port}/healthz", deadline=t0 + timeout, what="kube-scheduler")
         self.timings["scheduler_ready"] = time.monotonic() - t0

@@ -8,12 +8,13 @@ timing out.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from devcluster.nodeconfig import CLUSTER_DNS, CLUSTER_DOMAIN
 
 NAMESPACE = "kube-system"
-LABELS = {"k8s-app": "kube-dns"}
+LABELS = MappingProxyType({"k8s-app": "kube-dns"})
 COREFILE = f""".:53 {{
     errors
     health {{
@@ -91,7 +92,7 @@ def _container(image: str) -> dict[str, Any]:
 
 def workload(image: str) -> list[dict[str, Any]]:
     """ConfigMap with the Corefile, the Deployment, and the `kube-dns` Service at the cluster DNS IP."""
-    meta = {"name": "coredns", "namespace": NAMESPACE, "labels": LABELS}
+    meta = {"name": "coredns", "namespace": NAMESPACE, "labels": dict(LABELS)}
     return [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"Corefile": COREFILE}},
         {
@@ -100,9 +101,9 @@ def workload(image: str) -> list[dict[str, Any]]:
             "metadata": meta,
             "spec": {
                 "replicas": 1,
-                "selector": {"matchLabels": LABELS},
+                "selector": {"matchLabels": dict(LABELS)},
                 "template": {
-                    "metadata": {"labels": LABELS},
+                    "metadata": {"labels": dict(LABELS)},
                     "spec": {
                         "serviceAccountName": "coredns",
                         "priorityClassName": "system-cluster-critical",
@@ -118,9 +119,9 @@ def workload(image: str) -> list[dict[str, Any]]:
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": {"name": "kube-dns", "namespace": NAMESPACE, "labels": LABELS},
+            "metadata": {"name": "kube-dns", "namespace": NAMESPACE, "labels": dict(LABELS)},
             "spec": {
-                "selector": LABELS,
+                "selector": dict(LABELS),
                 "clusterIP": CLUSTER_DNS,
                 "ports": [
                     {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},

@@ -62,6 +62,19 @@ def _prepare(state_dir: Path, *, log: Log) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _sweep_stale(net: network.NetConfig, *, log: Log) -> None:
+    """Remove what a dead cluster that held this network index left (e.g. its pytest was SIGKILLed).
+
+    The index is ours now, so its bridge, veths and cgroup subtree cannot belong to anything running.
+    """
+    removed = network.sweep(net)
+    left = cgroups.remove(net.cgroup_root)
+    if removed:
+        log(f"removed network objects a dead cluster left: {', '.join(removed)}")
+    if left:
+        raise RuntimeError(f"cgroups of a dead cluster still hold tasks: {cgroups.busy(net.cgroup_root)}")
+
+
 def up(
     state_dir: Path,
     *,
@@ -84,6 +97,7 @@ def up(
     with_scheduler = scheduler if scheduler is not None else (nodes > 0 or kwok)
     binaries = ensure_built(node=nodes > 0, scheduler=with_scheduler, kwok=kwok)
     net = network.NetConfig(network.claim_index(state_dir, is_alive=running))
+    _sweep_stale(net, log=log)
     info: dict[str, Any] = {
         "net_index": net.index,
         "gateway_ip": net.gateway,
@@ -243,13 +257,12 @@ def down(state_dir: Path, *, log: Log = print) -> None:
             if left:
                 log(f"cgroups of node {name} still busy: {cgroups.busy(net.cgroup_root)}")
         cgroups.remove(net.cgroup_root)
-        if info.get("real_nodes"):
-            restored = hostsysctl.restore_if_last(state_dir, has_real_nodes=has_running_real_nodes)
-            if restored:
-                log(f"restored host kernel settings kubelet had changed: {restored}")
         removed = network.sweep(net)
         if removed:
             log(f"removed network objects: {', '.join(removed)}")
         network.release_index(int(info["net_index"]), state_dir)
+    restored = hostsysctl.restore_if_last(state_dir, has_real_nodes=has_running_real_nodes)
+    if restored:
+        log(f"restored host kernel settings kubelet had changed: {restored}")
     (state_dir / "cluster.json").unlink(missing_ok=True)
     log(f"cluster in {state_dir} is down")

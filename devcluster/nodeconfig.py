@@ -32,13 +32,13 @@ KUBELET_PORT = 10250
 # node's state dir): everything a kubelet/containerd/CNI plugin writes at a fixed path stays per node, and the
 # paths the node's unix sockets live under stay short (a socket path may not exceed 107 bytes, and a pytest
 # tmp dir is already 70).
-NODE_BINDS = {
-    "run": "/run/containerd",  # containerd state, its sockets, shim sockets, runc state, pod netns pins
-    "kubelet": "/var/lib/kubelet",  # kubelet's root dir: pod volumes, plugin and pod-resources sockets
-    "pod-logs": "/var/log/pods",  # container logs
-    "log-containers": "/var/log/containers",  # kubelet's symlinks to container logs
-    "cni-lib": "/var/lib/cni",  # CNI result cache and host-local IP allocations
-}
+NODE_BINDS: tuple[tuple[str, str], ...] = (
+    ("run", "/run/containerd"),  # containerd state, its sockets, shim sockets, runc state, pod netns pins
+    ("kubelet", "/var/lib/kubelet"),  # kubelet's root dir: pod volumes, plugin and pod-resources sockets
+    ("pod-logs", "/var/log/pods"),  # container logs
+    ("log-containers", "/var/log/containers"),  # kubelet's symlinks to container logs
+    ("cni-lib", "/var/lib/cni"),  # CNI result cache and host-local IP allocations
+)
 NODE_LABEL = "devcluster.finetune.dev/node"
 
 
@@ -246,7 +246,7 @@ def holder_script(plan: NodePlan, *, pause: Path) -> str:
     and network namespaces go with them -- mounts, veths, pod netns and iptables rules included.
     """
     lines = ["set -e", "mount --make-rshared /"]
-    for src, dst in NODE_BINDS.items():
+    for src, dst in NODE_BINDS:
         lines.append(f"mount --bind {plan.dir / src} {dst}")
     lines += [
         "ip link set lo up",

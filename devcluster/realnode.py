@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -92,7 +93,7 @@ def _write(path: Path, text: str) -> Path:
 
 def write_files(plan: NodePlan, *, access: ClusterAccess, sandbox_image: str) -> dict[str, Path]:
     """Certificates, kubeconfigs and config files of the node's components; returns their paths by role."""
-    for d in ("etc", "containerd", "cni-conf", *NODE_BINDS):
+    for d in ("etc", "containerd", "cni-conf", *(src for src, _dst in NODE_BINDS)):
         (plan.dir / d).mkdir(parents=True, exist_ok=True)
     certs = pki.issue_node(access.pki_dir, name=plan.name, ip=plan.ip)
     proxy = pki.issue_client(access.pki_dir, stem="kube-proxy", user="system:kube-proxy")
@@ -125,7 +126,9 @@ def write_files(plan: NodePlan, *, access: ClusterAccess, sandbox_image: str) ->
     }
 
 
-def _spawn(plan: NodePlan, component: str, argv: Sequence[str], *, access: ClusterAccess) -> None:
+def _spawn(
+    plan: NodePlan, component: str, *, argv: Sequence[str], access: ClusterAccess, death: int = signal.SIGTERM
+) -> None:
     procs.spawn(
         name=plan.proc_name(component),
         argv=argv,
@@ -133,6 +136,7 @@ def _spawn(plan: NodePlan, component: str, argv: Sequence[str], *, access: Clust
         pid_dir=access.pid_dir,
         env={"PATH": NODE_PATH, "HOME": "/root", "LANG": "C.UTF-8"},
         die_with_parent=access.die_with_caller,
+        death_signal=death,
     )
 
 
@@ -156,10 +160,13 @@ def start_init(plan: NodePlan, *, access: ClusterAccess) -> int:
     """Create the node's namespaces around the init; return the init's host pid (the namespaces' handle)."""
     ready = plan.dir / "holder.ready"
     ready.unlink(missing_ok=True)
-    for dst in NODE_BINDS.values():
+    for _src, dst in NODE_BINDS:
         Path(dst).mkdir(parents=True, exist_ok=True)  # mountpoints must exist (empty, on the host)
-    argv = ["unshare", "--pid", "--fork", "--mount-proc", "--net", "--mount", "--propagation", "private", "--"]
-    _spawn(plan, "init", [*argv, "sh", "-c", holder_script(plan, pause=node_init_binary())], access=access)
+    # unshare ignores SIGTERM while it waits for its child, so the caller's death kills it (SIGKILL) and
+    # --kill-child passes that on to the init: the whole node goes with the caller.
+    argv = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--net", "--mount", "--propagation=private"]
+    script = holder_script(plan, pause=node_init_binary())
+    _spawn(plan, "init", argv=[*argv, "--", "sh", "-c", script], access=access, death=signal.SIGKILL)
     _wait(ready.exists, plan=plan, access=access, what="namespaces", timeout=20)
     rec = next(r for r in procs.recorded(access.pid_dir) if r.name == plan.proc_name("init"))
     children = psutil.Process(rec.pid).children()
@@ -219,17 +226,13 @@ def start(
         str(bins.containerd),
         f"--config={files['containerd']}",
     ]
-    _spawn(plan, "containerd", nsenter(init_pid, "env", *containerd_argv), access=access)
+    _spawn(plan, "containerd", argv=nsenter(init_pid, "env", *containerd_argv), access=access)
     _wait(plan.containerd_socket.exists, plan=plan, access=access, what="containerd socket", timeout=30)
     images.load_into_containerd(node_images, address=plan.containerd_socket, log=log)
     kubelet = [str(bins.kubelet), *kubelet_args(plan, config=files["kubelet"], kubeconfig=files["kubelet-kubeconfig"])]
-    _spawn(plan, "kubelet", nsenter(init_pid, *kubelet), access=access)
-    _spawn(
-        plan,
-        "kube-proxy",
-        nsenter(init_pid, str(bins.kube_proxy), f"--config={files['kube-proxy']}", "--v=1"),
-        access=access,
-    )
+    _spawn(plan, "kubelet", argv=nsenter(init_pid, *kubelet), access=access)
+    proxy = [str(bins.kube_proxy), f"--config={files['kube-proxy']}", "--v=1"]
+    _spawn(plan, "kube-proxy", argv=nsenter(init_pid, *proxy), access=access)
     return init_pid
 
 

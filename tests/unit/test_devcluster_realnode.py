@@ -124,7 +124,7 @@ def test_cni_and_kube_proxy_use_the_node_and_cluster_ranges() -> None:
 def test_node_init_mounts_private_directories_before_it_becomes_pid_1() -> None:
     script = holder_script(plan(), pause=Path("/bin/init")).splitlines()
     assert script[-1] == "exec /bin/init"
-    for src, dst in NODE_BINDS.items():
+    for src, dst in NODE_BINDS:
         assert f"mount --bind /state/nodes/node-0/{src} {dst}" in script
     assert script.index("mount --make-rshared /") < script.index("exec /bin/init")
 
