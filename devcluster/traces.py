@@ -10,27 +10,35 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from devcluster import cgroups, network
 
 
 @dataclass(frozen=True)
 class NodeNamespaces:
-    """Inodes of one real node's namespaces (read from its init while it runs)."""
+    """Inodes of one real node's namespaces (read from its init while it runs) and when they were read.
+
+    The kernel reuses a namespace's inode number once the namespace is freed, so a process started after
+    `seen_at` in a namespace with the same number is in a new namespace, not in the node's.
+    """
 
     name: str
     net: int
     mnt: int
     pid: int
+    seen_at: float
 
 
 def namespaces_of(name: str, pid: int) -> NodeNamespaces:
     """The namespaces process `pid` (a node's init) lives in."""
     ino = {ns: os.stat(f"/proc/{pid}/ns/{ns}").st_ino for ns in ("net", "mnt", "pid")}
-    return NodeNamespaces(name=name, **ino)
+    return NodeNamespaces(name=name, seen_at=time.time(), **ino)
 
 
 def _cmdline(pid: int) -> str:
@@ -41,13 +49,19 @@ def _pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
+def _in_node(pid: int, ns: NodeNamespaces) -> bool:
+    if not any(os.stat(f"/proc/{pid}/ns/{kind}").st_ino == getattr(ns, kind) for kind in ("net", "mnt", "pid")):
+        return False
+    return float(psutil.Process(pid).create_time()) <= ns.seen_at
+
+
 def processes_in(namespaces: Iterable[NodeNamespaces]) -> list[str]:
     """Processes (pid and command) inside any of the given nodes' PID, network or mount namespaces."""
-    wanted = {(kind, getattr(ns, kind)) for ns in namespaces for kind in ("net", "mnt", "pid")}
+    nodes = list(namespaces)
     out = []
     for pid in _pids():
-        with contextlib.suppress(OSError):
-            if any((kind, os.stat(f"/proc/{pid}/ns/{kind}").st_ino) in wanted for kind in ("net", "mnt", "pid")):
+        with contextlib.suppress(OSError, psutil.Error):
+            if any(_in_node(pid, ns) for ns in nodes):
                 out.append(f"{pid} {_cmdline(pid)}")
     return out
 
@@ -81,6 +95,15 @@ def _lines_mentioning(cmd: list[str], needles: Iterable[str]) -> list[str]:
     return [ln for ln in res.stdout.splitlines() if any(n in ln for n in needles)]
 
 
+def _net_alive(ns: NodeNamespaces) -> bool:
+    """Whether a process that was already running when `ns` was read is still in the node's netns."""
+    for pid in _pids():
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.stat(f"/proc/{pid}/ns/net").st_ino == ns.net and psutil.Process(pid).create_time() <= ns.seen_at:
+                return True
+    return False
+
+
 @dataclass(frozen=True)
 class Traces:
     """What of a cluster exists on the machine right now (empty lists: nothing)."""
@@ -103,12 +126,11 @@ def traces(state_dir: Path, net: network.NetConfig, *, nodes: Iterable[NodeNames
     nodes = list(nodes)
     prefix = ".".join(str(net.cidr.network_address).split(".")[:2]) + "."
     needles = (net.bridge, f"ftn{net.index}x", prefix)
-    live_ns = {os.stat(f"/proc/{p}/ns/net").st_ino for p in _pids() if os.path.exists(f"/proc/{p}/ns/net")}
     in_cgroups = {f"{pid} (in {d})" for d, pids in cgroups.busy(net.cgroup_root).items() for pid in pids}
     return Traces(
         processes=sorted(set(processes_naming(state_dir)) | set(processes_in(nodes)) | in_cgroups),
         mounts=mounts_under(state_dir),
-        network_namespaces=network.owned_netns(net) + [f"node {n.name} netns" for n in nodes if n.net in live_ns],
+        network_namespaces=network.owned_netns(net) + [f"node {n.name} netns" for n in nodes if _net_alive(n)],
         links=network.owned_links(net),
         routes=_lines_mentioning(["ip", "route", "show", "table", "all"], (prefix,)),
         iptables_rules=_lines_mentioning(["iptables-save"], needles)

@@ -3,6 +3,7 @@ separate processes: two real nodes route pods to each other, and `down` leaves n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -91,7 +92,10 @@ def test_two_real_nodes_then_down_leaves_no_trace(tmp_path: Path) -> None:
             timeout=300,
         )
     assert down.returncode == 0, down.stderr
-    assert traces.traces(state, net, nodes=namespaces) == traces.Traces()
+    left = traces.traces(state, net, nodes=namespaces)
+    if network.claimed_indexes().get(net.index, state) != state:  # another cluster took the freed index
+        left = dataclasses.replace(left, links=[], routes=[])
+    assert left == traces.Traces()
     # kubelet changed host-wide kernel settings; the last real-node cluster's down puts them back.
     others = [o for o in network.claimed_indexes().values() if launcher.has_running_real_nodes(o)]
     if not others:
