@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cluster = attach(args.state_dir)
+    except FileNotFoundError:
+        print(f"no dev cluster in {args.state_dir} (start one with: make cluster-up)")
+        return 1
     except (OSError, RuntimeError, ValueError) as e:
         print(f"not running: {e}")
         return 1
