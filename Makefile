@@ -13,7 +13,7 @@ export HF_HOME ?= $(FT_CACHE)/hf
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: help venv lock run test test-unit lint crds chart-crds api-docs binaries cluster-up cluster-down bench clean \
+.PHONY: help venv lock run test test-unit lint deps crds chart-crds api-docs binaries cluster-up cluster-down bench clean \
 	images images-docker images-prune kind-up kind-load kind-demo kind-down
 
 help: ## list targets
@@ -44,17 +44,21 @@ lint: venv ## ruff + mypy --strict + import contracts
 test-unit: venv ## fast pure-function tests only
 	$(PY) -m pytest tests/unit -q
 
-test: venv binaries lint ## the whole suite: lint, unit, integration (real control plane), e2e
+test: venv deps binaries lint ## the whole suite: lint, unit, integration (real control plane), e2e, real node
 	$(PY) -m pytest -q
 
-binaries: ## build etcd, kube-apiserver, kube-controller-manager, kubectl, helm, minio from upstream Go modules (cached)
+deps: ## install the Debian packages the tests and the dev cluster need (as root; a no-op when present)
+	bash hack/apt-deps.sh
+
+binaries: ## build the control plane, the real node's binaries, kwok, helm and minio from upstream Go modules (cached)
 	bash hack/build-binaries.sh
 
-cluster-up: venv binaries ## start control plane + process node in the background; writes .cluster/kubeconfig
-	$(PY) -m tests.devcluster up
+NODES ?= 1
+cluster-up: venv deps binaries ## control plane + NODES real nodes (kubelet, containerd, kube-proxy, CoreDNS); writes .cluster/kubeconfig
+	$(PY) -m devcluster up --nodes $(NODES)
 
-cluster-down: ## stop everything cluster-up started; leaves no process behind
-	$(PY) -m tests.devcluster down
+cluster-down: ## stop everything cluster-up started; leaves no process, mount, netns, veth, iptables rule or cgroup
+	$(PY) -m devcluster down
 
 bench: venv ## print benchmark figures (see bench/)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -1,12 +1,14 @@
-"""Operator at scale: N minimal FineTuneJobs applied at once against the real API server (simulated node).
+"""Operator at scale: N minimal FineTuneJobs applied at once against the real API server (one kwok node).
 
 Prints, without assertions (figures depend on the machine): p50/p99 time from a job's creation to all its child
 objects present (ConfigMap, Service, NetworkPolicy, head and worker pods), p50/p99 time to Running, API requests
 per job by method (from the operator's own finetune_api_requests_total), and the operator's peak RSS. The operator
-runs as a real `finetune operator` subprocess under the documented RBAC.
+runs as a real `finetune operator` subprocess under the documented RBAC; kube-scheduler places the pods on a kwok
+node (nothing runs in them), so the figures are the operator's and the control plane's alone.
 
     .venv/bin/python bench/operator_scale.py [--jobs 200] [--workers 1]
-Set FT_CLUSTER_REUSE=1 to use the cluster of `make cluster-up` instead of starting one.
+Set FT_CLUSTER_REUSE=1 to use the cluster of `make cluster-up` instead of starting one (control plane,
+kube-scheduler and kwok, no real node).
 """
 
 from __future__ import annotations
@@ -31,16 +33,11 @@ import psutil
 import yaml
 from kubernetes import client as k8s
 
-from tests.devcluster.binaries import REPO_ROOT
-from tests.devcluster.cluster import DevCluster, attach, down, up
-from tests.devcluster.controlplane import free_port
-from tests.devcluster.kube import call_json
-from tests.e2e.operator_harness import (
-    add_simulated_node,
-    grant_documented_rbac,
-    install_crd,
-    job_manifest,
-)
+from devcluster import DevCluster, attach, down, up
+from devcluster.binaries import REPO_ROOT
+from devcluster.controlplane import free_port
+from devcluster.kube import call_json
+from tests.e2e.operator_harness import SIM_LABEL, grant_documented_rbac, install_crd, job_manifest
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -84,8 +81,8 @@ def _expected(job: str, workers: int) -> set[tuple[str, str]]:
 
 def run(cluster: DevCluster, *, jobs: int, workers: int) -> dict[str, Any]:
     install_crd(cluster)
-    nodes = add_simulated_node(cluster, cpu="2000", memory="8000Gi", pods=5000)
-    next(nodes)
+    node = f"kwok-{secrets.token_hex(3)}"
+    cluster.add_kwok_node(node, cpu="2000", memory="8000Gi", pods=5000, labels={SIM_LABEL: "true"})
     namespace = f"bench-{secrets.token_hex(3)}"
     cluster.kubectl("create", "namespace", namespace)
     try:
@@ -176,7 +173,7 @@ def run(cluster: DevCluster, *, jobs: int, workers: int) -> dict[str, Any]:
         }
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-        nodes.close()
+        cluster.remove_node(node)
 
 
 def main() -> int:
@@ -185,14 +182,14 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     if os.geteuid() != 0:
-        print("skipped: the process node needs root")
+        print("skipped: the dev cluster needs root")
         return 0
     reuse = os.environ.get("FT_CLUSTER_REUSE", "")
     if reuse:
         print(json.dumps(run(attach(REPO_ROOT / ".cluster"), jobs=args.jobs, workers=args.workers), indent=2))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
-        cluster = up(Path(tmp), log=lambda _m: None, die_with_caller=True)
+        cluster = up(Path(tmp), nodes=0, kwok=True, log=lambda _m: None, die_with_caller=True)
         try:
             print(json.dumps(run(cluster, jobs=args.jobs, workers=args.workers), indent=2))
         finally:

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devcluster import registry
+from devcluster.binaries import REPO_ROOT, cache_dir, versions
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("base", "operator", "trainer", "pause", "coredns", "minio", "prometheus")
 REF_PREFIX = "localhost/finetune/"
 KEEP_TAGS = 3  # per image, in buildah's storage and in the OCI layout; older ones are pruned after a build / load
@@ -239,22 +239,6 @@ def build_argv(
 
 
 # --- reading the repository -----------------------------------------------------------------------------------
-
-
-def versions(root: Path = REPO_ROOT) -> dict[str, str]:
-    """KEY=VALUE lines of hack/versions.env."""
-    out: dict[str, str] = {}
-    for raw in (root / "hack" / "versions.env").read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            out[key.strip()] = value.strip().strip('"')
-    return out
-
-
-def cache_dir() -> Path:
-    """The shared build cache: $FT_CACHE, else <repo>/.cache (the Makefile's default)."""
-    return Path(os.environ.get("FT_CACHE") or REPO_ROOT / ".cache")
 
 
 def _file_digests(root: Path, paths: Iterable[str], *, ignore: Sequence[re.Pattern[str]]) -> dict[str, str]:

@@ -40,14 +40,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes import client as k8s
 
-# TODO(merge): these move to the top-level devcluster package with the node engineer's change.
-from tests.devcluster import pki as pki_mod
-from tests.devcluster import procs
-from tests.devcluster.binaries import REPO_ROOT, cache_dir, versions
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.controlplane import free_port, mint_kubeconfig, tail_file
-from tests.devcluster.kube import call_json
-from tests.devcluster.testing import wait_crd_established, wait_for
+from devcluster import pki as pki_mod
+from devcluster import procs
+from devcluster.binaries import REPO_ROOT, cache_dir, versions
+from devcluster.cluster import DevCluster
+from devcluster.controlplane import free_port, mint_kubeconfig, tail_file
+from devcluster.kube import call_json
+from devcluster.testing import wait_crd_established, wait_for
 
 NAMESPACE = "kueue-system"
 SERVICE_ACCOUNT = "kueue-controller-manager"

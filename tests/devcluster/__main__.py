@@ -1,4 +1,4 @@
-"""`python -m tests.devcluster up|down|status`: the developer entry points behind make cluster-up/down."""
+"""`python -m tests.devcluster up|down|status`: a cluster whose nodes are the process node (real nodes: devcluster)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import sys
 import time
 from pathlib import Path
 
-from tests.devcluster.binaries import REPO_ROOT
+from devcluster.binaries import REPO_ROOT
 from tests.devcluster.cluster import attach, down, up
 
-DEFAULT_STATE = REPO_ROOT / ".cluster"
+DEFAULT_STATE = REPO_ROOT / ".cluster-process"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the sub-command and run it."""
     parser = argparse.ArgumentParser(prog="python -m tests.devcluster", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, help="default: <repo>/.cluster")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, help="default: <repo>/.cluster-process")
     args = parser.parse_args(argv)
     if args.command == "up":
         try:
@@ -26,14 +26,15 @@ def main(argv: list[str] | None = None) -> int:
             pass
         else:
             print(
-                f"dev cluster already running (stop it with: make cluster-down)\nexport KUBECONFIG={running.kubeconfig}"
+                "dev cluster already running (stop it with: python -m tests.devcluster down)\n"
+                f"export KUBECONFIG={running.kubeconfig}"
             )
             return 0
         t0 = time.monotonic()
         cluster = up(args.state_dir)
         print(f"dev cluster ready in {time.monotonic() - t0:.1f}s")
         print(f"export KUBECONFIG={cluster.kubeconfig}")
-        print(f"pods reach host services at {cluster.gateway_ip}; stop with: make cluster-down")
+        print(f"pods reach host services at {cluster.gateway_ip}; stop with: python -m tests.devcluster down")
         return 0
     if args.command == "down":
         down(args.state_dir)

@@ -8,115 +8,14 @@ Service names resolve through a per-pod hosts file (see `hosts_entries`) straigh
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import os
-import subprocess
-import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-NETNS_ETC = Path("/etc/netns")
-CLUSTER_DOMAIN = "cluster.local"
+from devcluster.network import NETNS_ETC, NetConfig, ip
+from devcluster.nodeconfig import CLUSTER_DOMAIN
 
-
-@dataclass(frozen=True)
-class NetConfig:
-    """Per-cluster names, so two dev clusters on one machine do not collide."""
-
-    index: int
-
-    @property
-    def bridge(self) -> str:
-        """Host bridge interface name."""
-        return f"ftbr{self.index}"
-
-    @property
-    def cidr(self) -> ipaddress.IPv4Network:
-        """The pod network (a /16 per cluster index)."""
-        return ipaddress.IPv4Network(f"10.{213 + self.index}.0.0/16")
-
-    @property
-    def gateway(self) -> str:
-        """The host's address on the bridge: host services are reachable from pods here."""
-        return str(self.cidr.network_address + 1)
-
-    @property
-    def netns_prefix(self) -> str:
-        """Prefix of every pod netns name of this cluster."""
-        return f"ft{self.index}-"
-
-    def netns(self, uid: str) -> str:
-        """Netns name of the pod with this UID."""
-        return f"{self.netns_prefix}{uid[:13]}"
-
-    def veth(self, uid: str) -> str:
-        """Host-side veth name (<= 15 chars, the kernel limit)."""
-        return f"v{self.index}{uid.replace('-', '')[:12]}"
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run `ip` and raise with its stderr on failure."""
-    res = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    if check and res.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {res.stderr.strip()}")
-    return res
-
-
-def bridge_exists(name: str) -> bool:
-    """Whether a link with this name exists in the host namespace."""
-    return ip("link", "show", name, check=False).returncode == 0
-
-
-CLAIMS = Path("/run/ftdevcluster")
-
-
-def claim_index(owner: Path, *, is_alive: Callable[[Path], bool]) -> int:
-    """Atomically claim a network index for the cluster in `owner` (several clusters may share a machine).
-
-    A claim is a file created with O_EXCL naming its owner's state dir; a claim whose owner is no longer
-    running is taken over.
-    """
-    CLAIMS.mkdir(parents=True, exist_ok=True)
-    for i in range(32):
-        path = CLAIMS / f"net-{i}"
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = Path(path.read_text().strip())
-            except OSError:
-                continue
-            fresh = time.time() - path.stat().st_mtime < 120  # owner may still be starting up
-            if holder == owner or not (fresh or is_alive(holder)):
-                path.write_text(str(owner))
-                return i
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(owner))
-        if bridge_exists(f"ftbr{i}"):  # left by something we know nothing about: keep away from it
-            continue
-        return i
-    raise RuntimeError(f"no free devcluster network index (see {CLAIMS}); run `make cluster-down`")
-
-
-def release_index(index: int, owner: Path) -> None:
-    """Drop our claim (only if we still hold it)."""
-    path = CLAIMS / f"net-{index}"
-    with contextlib.suppress(OSError):
-        if Path(path.read_text().strip()) == owner:
-            path.unlink()
-
-
-def ensure_bridge(cfg: NetConfig) -> None:
-    """Create the bridge with the gateway address (idempotent)."""
-    if not bridge_exists(cfg.bridge):
-        ip("link", "add", cfg.bridge, "type", "bridge")
-    have = ip("-o", "addr", "show", "dev", cfg.bridge).stdout
-    if f"{cfg.gateway}/" not in have:
-        ip("addr", "add", f"{cfg.gateway}/{cfg.cidr.prefixlen}", "dev", cfg.bridge)
-    ip("link", "set", cfg.bridge, "up")
+__all__ = ["NETNS_ETC", "NetConfig", "create_sandbox", "delete_sandbox", "hosts_file", "service_addresses"]
 
 
 def create_sandbox(cfg: NetConfig, *, uid: str, pod_ip: str) -> str:
@@ -147,33 +46,6 @@ def delete_sandbox(cfg: NetConfig, *, uid: str) -> None:
                 f.unlink()
         with contextlib.suppress(OSError):
             d.rmdir()
-
-
-def sweep(cfg: NetConfig) -> list[str]:
-    """Delete every netns of this cluster and its bridge (used by `down`, also after a crash)."""
-    removed = []
-    for line in ip("netns", "list", check=False).stdout.splitlines():
-        name = line.split()[0] if line.strip() else ""
-        if name.startswith(cfg.netns_prefix):
-            ip("netns", "del", name, check=False)
-            d = NETNS_ETC / name
-            if d.is_dir():
-                for f in d.iterdir():
-                    with contextlib.suppress(OSError):
-                        f.unlink()
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-            removed.append(name)
-    for line in ip("-o", "link", "show", check=False).stdout.splitlines():
-        parts = line.split(":")
-        if len(parts) > 1:
-            link = parts[1].strip().split("@")[0]
-            if link.startswith(f"v{cfg.index}") and len(link) == 2 + len(str(cfg.index)) + 10:
-                ip("link", "del", link, check=False)
-    if bridge_exists(cfg.bridge):
-        ip("link", "del", cfg.bridge, check=False)
-        removed.append(cfg.bridge)
-    return removed
 
 
 def write_in_place(path: Path, content: str) -> bool:

@@ -38,8 +38,9 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+from devcluster import network as netcfg
+from devcluster.kube import Informer, Obj, call_json
 from tests.devcluster import network, scheduling
-from tests.devcluster.kube import Informer, Obj, call_json
 from tests.devcluster.runtime import Mountpoints, NodeContext, PodRuntime, main_exited, now_rfc3339
 
 log = logging.getLogger("devcluster.node")
@@ -718,7 +719,7 @@ class ProcessNode:
 
     def run(self) -> None:
         """Set up networking, register nodes, run all loops until SIGTERM/SIGINT, then clean up."""
-        network.ensure_bridge(self.net)
+        netcfg.ensure_bridge(self.net)
         server = self.serve_logs()
         forwarder = self.serve_api_forwarder()
         for spec in self.cfg.get("nodes") or []:
@@ -759,7 +760,7 @@ class ProcessNode:
             for rt in self.runtimes.values():
                 rt.kill_now()
         self.ctx.mountpoints.sweep()
-        network.sweep(self.net)
+        netcfg.sweep(self.net)
         self.ctx.probes.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / "ready").unlink()

@@ -36,8 +36,9 @@ from typing import Any
 
 from kubernetes import client as k8s
 
-from tests.devcluster import network, procs
-from tests.devcluster.kube import Obj, call_json
+from devcluster import procs
+from devcluster.kube import Obj, call_json
+from tests.devcluster import network
 from tests.devcluster.scheduling import quantity
 
 log = logging.getLogger("devcluster.runtime")

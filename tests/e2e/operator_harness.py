@@ -26,11 +26,11 @@ from finetune_operator.app import run_operator
 from finetune_operator.settings import Settings
 from kubernetes import client as k8s
 
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.controlplane import free_port
-from tests.devcluster.kube import call_json
+from devcluster.controlplane import free_port
+from devcluster.kube import call_json
+from devcluster.testing import wait_for
+from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.devcluster.node import NodeSpec
-from tests.devcluster.testing import wait_for
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "finetune.dev_finetunejobs.yaml"
 SIM_LABEL = "finetune.dev/test-simulated"

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from finetune_trainer import contract
 
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.controlplane import free_port
+from devcluster.controlplane import free_port
+from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import Jobs, add_simulated_node, grant_documented_rbac, install_crd, job_manifest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.slow]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.testing import wait_for
+from devcluster.testing import wait_for
+from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import (
     Jobs,
     OperatorHandle,

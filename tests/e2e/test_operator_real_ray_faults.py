@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.devcluster.cluster import DevCluster
+from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import (
     Jobs,
     OperatorHandle,

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from devcluster.cluster import DevCluster
 from devcluster.images import Image
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.kube import call_json
-from tests.devcluster.testing import wait_for
+from devcluster.kube import call_json
+from devcluster.testing import wait_for
 from tests.e2e.operator_harness import grant_documented_rbac, install_crd
 from tests.images.conftest import open_tree
 from tests.images.podman import (

@@ -23,9 +23,9 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.controlplane import api_client
-from tests.fixtures.helm import CHART_DIR, CRD_FILE, helm, kube_version, set_args
+from devcluster import DevCluster
+from devcluster.controlplane import api_client
+from tests.fixtures.helm import CHART_DIR, CRD_FILE, helm, set_args
 
 pytestmark = pytest.mark.cluster
 
@@ -75,8 +75,6 @@ def test_rendered_chart_is_accepted_by_the_api_server(
         str(CHART_DIR),
         "--namespace",
         namespace,
-        "--kube-version",
-        kube_version(),
         *set_args(values),
     ).stdout
     out = cluster.kubectl(
@@ -103,8 +101,6 @@ def test_namespaced_mode_is_accepted_by_the_api_server(
         str(CHART_DIR),
         "--namespace",
         namespace,
-        "--kube-version",
-        kube_version(),
         *set_args({"watch.namespaces": extra_namespaces, "crds.install": False}),
     ).stdout
     out = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=rendered).stdout

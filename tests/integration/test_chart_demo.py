@@ -32,9 +32,9 @@ import pytest
 import yaml
 from botocore.config import Config
 
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.controlplane import free_port
-from tests.devcluster.testing import wait_crd_established
+from devcluster import DevCluster
+from devcluster.controlplane import free_port
+from devcluster.testing import wait_crd_established
 from tests.fixtures.helm import CHART_CRD_DIR, CHART_DIR, CRD_FILE, helm, set_args
 from tests.servers.s3 import S3Server
 

@@ -12,12 +12,11 @@ import psutil
 import pytest
 from kubernetes import client as k8s
 
-from tests.devcluster import network
-from tests.devcluster.binaries import REPO_ROOT, locate
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.controlplane import api_client
-from tests.devcluster.kube import call_json
-from tests.devcluster.testing import get_pod, pod_manifest, wait_for, wait_phase
+from devcluster import DevCluster, network
+from devcluster.binaries import REPO_ROOT, locate
+from devcluster.controlplane import api_client
+from devcluster.kube import call_json
+from devcluster.testing import get_pod, pod_manifest, wait_for, wait_phase
 
 pytestmark = pytest.mark.cluster
 

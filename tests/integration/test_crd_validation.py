@@ -17,7 +17,7 @@ import pytest
 import yaml
 from finetune_trainer import spec as ftspec
 
-from tests.devcluster.cluster import DevCluster
+from devcluster import DevCluster
 from tests.e2e.operator_harness import install_crd
 
 pytestmark = pytest.mark.cluster

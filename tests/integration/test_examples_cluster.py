@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.testing import wait_crd_established
+from devcluster import DevCluster
+from devcluster.testing import wait_crd_established
 from tests.fixtures.helm import CHART_CRD_DIR, CRD_FILE
 
 pytestmark = pytest.mark.cluster

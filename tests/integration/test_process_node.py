@@ -11,10 +11,10 @@ import psutil
 import pytest
 from kubernetes import client as k8s
 
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.kube import call_json
+from devcluster.kube import call_json
+from devcluster.testing import container_state, get_pod, pod_manifest, wait_for, wait_phase
+from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.devcluster.node import NodeSpec
-from tests.devcluster.testing import container_state, get_pod, pod_manifest, wait_for, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
 

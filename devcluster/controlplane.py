@@ -9,6 +9,7 @@ account issuer/keys) and trade durability for speed where it does not (etcd with
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import time
@@ -22,13 +23,14 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from tests.devcluster import pki as pki_mod
-from tests.devcluster import procs
-from tests.devcluster.binaries import Binaries
+from devcluster import pki as pki_mod
+from devcluster import procs
+from devcluster.binaries import Binaries
 
 SERVICE_CIDR = "10.96.0.0/16"
-# Components are stopped in this order: dependants before what they depend on.
-STOP_ORDER = ("node", "kube-controller-manager", "kube-apiserver", "etcd")
+# Components are stopped in this order: dependants before what they depend on (a real node's own processes
+# are ordered by devcluster.realnode before these).
+STOP_ORDER = ("node", "kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 
 
 def free_port() -> int:
@@ -110,11 +112,12 @@ class Endpoints:
 
     etcd_port: int
     apiserver_port: int
+    apiserver_host: str = "127.0.0.1"
 
     @property
     def server(self) -> str:
         """The API server URL."""
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.apiserver_host}:{self.apiserver_port}"
 
 
 class ControlPlane:
@@ -126,11 +129,18 @@ class ControlPlane:
         *,
         binaries: Binaries,
         extra_ips: tuple[str, ...] = (),
+        bind_address: str = "127.0.0.1",
         log: Callable[[str], None] = print,
         die_with_caller: bool = False,
     ) -> None:
         self.state_dir = state_dir
-        self.die_with_caller = die_with_caller  # components get SIGTERM when this process dies
+        # Where the API server listens and what it advertises as the `kubernetes` Service endpoint: loopback
+        # for the process node (it forwards for its pods), the host's bridge address when real nodes run in
+        # their own network namespaces and reach the API server (and pods reach it through the Service VIP).
+        self.bind_address = bind_address
+        # Components get SIGKILL when this process dies: a graceful API server shutdown can hang for minutes
+        # once etcd is gone, and nothing of a throw-away cluster is worth a graceful stop.
+        self.die_with_caller = die_with_caller
         self.binaries = binaries
         self.extra_ips = extra_ips
         self.log = log
@@ -147,7 +157,7 @@ class ControlPlane:
         """Start etcd, the API server and the controller manager; return once all three are serving."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         certs = pki_mod.generate(self.pki_dir, extra_ips=self.extra_ips)
-        ep = Endpoints(etcd_port=free_port(), apiserver_port=free_port())
+        ep = Endpoints(etcd_port=free_port(), apiserver_port=free_port(), apiserver_host=self.bind_address)
         write_kubeconfig(
             self.kubeconfig,
             server=ep.server,
@@ -208,6 +218,7 @@ class ControlPlane:
             log_path=self.log_dir / "etcd.log",
             pid_dir=self.pid_dir,
             die_with_parent=self.die_with_caller,
+            death_signal=signal.SIGKILL,
         )
 
     def _start_apiserver(self, ep: Endpoints, certs: pki_mod.Pki) -> None:
@@ -217,8 +228,9 @@ class ControlPlane:
                 str(self.binaries.kube_apiserver),
                 f"--etcd-servers=http://127.0.0.1:{ep.etcd_port}",
                 f"--secure-port={ep.apiserver_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.bind_address}",
+                f"--advertise-address={self.bind_address}",
+                "--enable-admission-plugins=NodeRestriction",
                 f"--cert-dir={self.pki_dir}",
                 f"--tls-cert-file={certs.apiserver.cert}",
                 f"--tls-private-key-file={certs.apiserver.key}",
@@ -239,6 +251,7 @@ class ControlPlane:
             log_path=self.log_dir / "kube-apiserver.log",
             pid_dir=self.pid_dir,
             die_with_parent=self.die_with_caller,
+            death_signal=signal.SIGKILL,
         )
 
     def _start_kcm(self, kubeconfig: Path, certs: pki_mod.Pki) -> None:
@@ -263,7 +276,64 @@ class ControlPlane:
             log_path=self.log_dir / "kube-controller-manager.log",
             pid_dir=self.pid_dir,
             die_with_parent=self.die_with_caller,
+            death_signal=signal.SIGKILL,
         )
+
+    def start_scheduler(self, *, timeout: float = 60.0) -> None:
+        """Start the real kube-scheduler (for clusters with real or kwok nodes); return once it serves."""
+        kubeconfig = self._client_kubeconfig("kube-scheduler", user="system:kube-scheduler")
+        port = free_port()
+        t0 = time.monotonic()
+        procs.spawn(
+            name="kube-scheduler",
+            argv=[
+                str(self.binaries.kube_scheduler),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                "--v=1",
+            ],
+            log_path=self.log_dir / "kube-scheduler.log",
+            pid_dir=self.pid_dir,
+            die_with_parent=self.die_with_caller,
+            death_signal=signal.SIGKILL,
+        )
+        self._wait_https_ok(f"https://127.0.0.1:{port}/healthz", deadline=t0 + timeout, what="kube-scheduler")
+        self.timings["scheduler_ready"] = time.monotonic() - t0
+        self.log(f"kube-scheduler ready after {self.timings['scheduler_ready']:.1f}s")
+
+    def _client_kubeconfig(self, stem: str, *, user: str, group: str | None = None) -> Path:
+        """A kubeconfig with a fresh client certificate for `user` (CN) in `group` (O)."""
+        pair = pki_mod.issue_client(self.pki_dir, stem=stem, user=user, group=group)
+        state = json.loads((self.state_dir / "state.json").read_text())
+        return write_kubeconfig(
+            self.state_dir / f"{stem}.kubeconfig",
+            server=f"https://{self.bind_address}:{state['apiserver_port']}",
+            ca=self.pki_dir / "ca.crt",
+            user=user,
+            cert=pair.cert,
+            key=pair.key,
+        )
+
+    def _wait_https_ok(self, url: str, *, deadline: float, what: str) -> None:
+        """Poll a component's /healthz (self-signed serving certificate: not verified) until it answers 200."""
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        last = ""
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(url, context=ctx, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError) as e:
+                last = str(e)
+            time.sleep(0.2)
+        raise TimeoutError(f"{what} not healthy at {url} ({last}); see {self.log_dir}")
 
     # -- readiness -----------------------------------------------------------------------------------------
 

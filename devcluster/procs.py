@@ -46,8 +46,8 @@ class Recorded:
             return False
 
 
-def _die_with(parent: int) -> Callable[[], None]:
-    """A preexec function: the kernel sends SIGTERM to the child when the thread that spawned it dies.
+def _die_with(parent: int, sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec function: the kernel sends `sig` to the child when the thread that spawned it dies.
 
     Linux only (prctl PR_SET_PDEATHSIG, kept across exec). If the parent died before prctl took effect, the
     child exits at once instead of running unsupervised.
@@ -55,7 +55,7 @@ def _die_with(parent: int) -> Callable[[], None]:
 
     def preexec() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
 
@@ -71,11 +71,12 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     die_with_parent: bool = False,
+    death_signal: int = signal.SIGTERM,
 ) -> subprocess.Popen[bytes]:
     """Start `argv` in a new session with stdout+stderr appended to `log_path`; record it in `pid_dir`.
 
-    With `die_with_parent` the process gets SIGTERM when the calling thread's process dies (call it from the
-    main thread: the kernel watches the spawning thread, not the process).
+    With `die_with_parent` the process gets `death_signal` when the calling thread's process dies (call it
+    from the main thread: the kernel watches the spawning thread, not the process).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pid_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ def spawn(
             start_new_session=True,
             env=dict(env) if env is not None else None,
             cwd=cwd,
-            preexec_fn=_die_with(os.getpid()) if die_with_parent else None,  # noqa: PLW1509 - main thread only
+            preexec_fn=_die_with(os.getpid(), death_signal) if die_with_parent else None,  # noqa: PLW1509
         )
     try:
         created = psutil.Process(proc.pid).create_time()

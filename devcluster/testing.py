@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from kubernetes import client as k8s
 
-from tests.devcluster.kube import call_json
+from devcluster.kube import call_json
 
 T = TypeVar("T")
 

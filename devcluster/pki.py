@@ -114,6 +114,55 @@ def _issue(
     return pair
 
 
+def _load_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{out / 'ca.key'} is not the EC key this module writes")
+    return ca_cert, ca_key
+
+
+def issue_client(out: Path, *, stem: str, user: str, group: str | None = None) -> CertPair:
+    """A client certificate for `user` (CN) in `group` (O), signed by the CA under `out`; reused if present."""
+    pair = CertPair(cert=out / f"{stem}.crt", key=out / f"{stem}.key")
+    if pair.cert.exists() and pair.key.exists():
+        return pair
+    ca_cert, ca_key = _load_ca(out)
+    return _issue(ca_cert=ca_cert, ca_key=ca_key, subject=_name(user, group), out=out, stem=stem, server=False)
+
+
+@dataclass(frozen=True)
+class NodeCerts:
+    """A kubelet's identities: its client certificate (Node authorizer) and its serving certificate."""
+
+    client: CertPair
+    serving: CertPair
+
+
+def issue_node(out: Path, *, name: str, ip: str) -> NodeCerts:
+    """Certificates of the kubelet of node `name` at `ip`, as kubeadm's TLS bootstrap would end up with.
+
+    The client certificate is `system:node:<name>` in group `system:nodes`, so the API server's Node
+    authorizer and NodeRestriction admission treat it as exactly that node; the serving certificate names
+    the node's IP and hostname.
+    """
+    client = issue_client(out, stem=f"node-{name}-client", user=f"system:node:{name}", group="system:nodes")
+    serving = CertPair(cert=out / f"node-{name}-serving.crt", key=out / f"node-{name}-serving.key")
+    if not (serving.cert.exists() and serving.key.exists()):
+        ca_cert, ca_key = _load_ca(out)
+        serving = _issue(
+            ca_cert=ca_cert,
+            ca_key=ca_key,
+            subject=_name(f"system:node:{name}", "system:nodes"),
+            out=out,
+            stem=f"node-{name}-serving",
+            server=True,
+            dns=(name, "localhost"),
+            ips=(ip, "127.0.0.1"),
+        )
+    return NodeCerts(client=client, serving=serving)
+
+
 def generate(out: Path, *, extra_ips: tuple[str, ...] = ()) -> Pki:
     """Create a CA and all leaf certificates under `out` (idempotent: existing material is reused)."""
     out.mkdir(parents=True, exist_ok=True)
