@@ -115,7 +115,7 @@ class Queue:
         if priority:
             labels[kq.PRIORITY_CLASS_LABEL] = priority
         body = {
-            "apiVersion": names.API_VERSION,
+            "apiVersion": names.GROUP_VERSION,
             "kind": names.KIND,
             "metadata": {"name": job, "namespace": self.namespace, "labels": labels},
             "spec": JOB_SPEC,
