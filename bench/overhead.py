@@ -30,7 +30,7 @@ from finetune_trainer.train_loop import encode, make_collate
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
+SST2 = ROOT / "examples" / "data" / "sst2"  # the quick-start subset shipped in the repo
 MODEL = "hf://sentence-transformers/all-MiniLM-L6-v2"
 
 

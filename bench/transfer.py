@@ -30,7 +30,7 @@ from finetune_trainer.spec import parse_spec
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
+SST2 = ROOT / "examples" / "data" / "sst2"  # the quick-start subset shipped in the repo
 OUT = ROOT / "bench" / "out"
 
 # (label, method, learning rate): rates chosen per strategy as usual (frozen bodies tolerate larger rates).
