@@ -15,15 +15,18 @@ side counts, and every run is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 import torch
 from finetune_trainer import sources
@@ -106,7 +109,41 @@ def hf_trainer(samples: int, threads: int) -> dict[str, float]:
     }
 
 
-def ray_train(samples: int, threads: int) -> dict[str, float]:
+class CpuSampler:
+    """CPU seconds of this process and every process it started (Ray's GCS, raylet, agents, the Train controller
+    and its helper actors, the training worker), sampled twice a second with their names."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self.stop.wait(0.5):
+            seen: dict[int, tuple[str, float]] = {}
+            for proc in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    seen[proc.pid] = (" ".join(proc.cmdline()[:1]) or proc.name(), times.user + times.system)
+            self.samples.append((time.time(), seen))
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds per process name used in [start, end] (processes alive at both ends)."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return {}
+        (_, first), (_, last) = inside[0], inside[-1]
+        used: dict[str, float] = {}
+        for pid, (name, cpu) in last.items():
+            if pid in first:
+                used[name] = used.get(name, 0.0) + cpu - first[pid][1]
+        return used
+
+
+def ray_train(samples: int, threads: int) -> dict[str, Any]:
+    sampler = CpuSampler()
+    sampler.thread.start()
     started = time.monotonic()
     ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray_up = time.monotonic() - started
@@ -119,9 +156,12 @@ def ray_train(samples: int, threads: int) -> dict[str, float]:
                 ),
             )  # fmt: skip
     finally:
+        sampler.stop.set()
         ray.shutdown()
     wall = time.monotonic() - started
     timing = result.summary["timing"]
+    cpu = sampler.between(timing["startedAt"], timing["startedAt"] + timing["loop"])
+    worker = sum(v for k, v in cpu.items() if "RayTrainWorker" in k)
     steps = int(result.summary["steps"])
     like_for_like = timing["loop"] - timing["eval"] - timing["report"]
     return {
@@ -135,6 +175,9 @@ def ray_train(samples: int, threads: int) -> dict[str, float]:
         "samples_per_second_whole_loop": samples / timing["loop"] if timing["loop"] else 0.0,
         "ray_init_seconds": ray_up,
         "wall_seconds_including_startup": wall,
+        "cpu_seconds_in_loop_training_worker": worker,
+        "cpu_seconds_in_loop_other_ray_processes": sum(cpu.values()) - worker,
+        "cpu_seconds_in_loop_by_process": dict(sorted(cpu.items(), key=lambda kv: -kv[1])[:8]),
     }
 
 
@@ -142,7 +185,7 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
-def breakdown(hf: dict[str, float], rt: dict[str, float]) -> str:
+def breakdown(hf: dict[str, Any], rt: dict[str, Any]) -> str:
     """Where the Ray side's time goes against the HF side's, per run of the same samples."""
     hf_other = hf["loop_seconds"] - hf["step_seconds"]
     rt_other = rt["loop_seconds"] - rt["step_seconds"] - rt["eval_seconds_in_loop"] - rt["report_seconds_in_loop"]
@@ -159,6 +202,10 @@ def breakdown(hf: dict[str, float], rt: dict[str, float]) -> str:
         f"{rt['step_samples_per_second']:8.1f}"
     )
     lines.append(
+        f"{'CPU-s of Ray processes other than the worker, during the loop':62} {'':>8} "
+        f"{rt['cpu_seconds_in_loop_other_ray_processes']:8.2f}"
+    )
+    lines.append(
         f"{'start-up outside the loop: Ray init + workers + model load':62} {'':>8} "
         f"{rt['wall_seconds_including_startup'] - rt['loop_seconds']:8.1f}"
     )
@@ -172,7 +219,8 @@ def main() -> int:
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     before = uptime()
-    hf_runs, ray_runs = [], []
+    hf_runs: list[dict[str, Any]] = []
+    ray_runs: list[dict[str, Any]] = []
     for i in range(args.repeats):
         hf_runs.append(hf_trainer(args.samples, threads))
         ray_runs.append(ray_train(args.samples, threads))

@@ -99,16 +99,17 @@ class Loop:
         self.window = _Window()
         self.first_step_pushed = False
         # Where the worker's time goes (bench/overhead.py prints it): optimizer steps, evaluations, reports.
-        self.started = time.monotonic()
+        self.started, self.started_at = time.monotonic(), time.time()
         self.loop_seconds = self.train_seconds = self.eval_seconds = self.report_seconds = 0.0
 
     def wall_seconds(self) -> float:
         return time.monotonic() - self.started
 
     def timing(self) -> dict[str, float]:
-        """Seconds in the loop, and within it in optimizer steps, evaluations and Ray Train reports/checkpoints;
-        the rest of the loop is data loading, progress and bookkeeping."""
+        """Seconds in the loop, and within it in optimizer steps, evaluations and Ray Train reports/checkpoints
+        (the rest of the loop is data loading, progress and bookkeeping); startedAt is the loop's unix start."""
         return {
+            "startedAt": self.started_at,
             "loop": self.loop_seconds,
             "steps": self.train_seconds,
             "eval": self.eval_seconds,
@@ -121,7 +122,7 @@ class Loop:
 
     def run(self) -> None:
         budget = self.trainee.budget
-        self.started = time.monotonic()
+        self.started, self.started_at = time.monotonic(), time.time()
         self.trainee.model.train()
         while self.state.step < budget.total_steps and not self.state.stopped_early:
             epoch = self.state.step // budget.steps_per_epoch
