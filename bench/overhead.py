@@ -1,40 +1,54 @@
 """Ray Train overhead: samples/s of the same model and data through Ray Train (1 worker) and through a plain
-in-process Hugging Face `Trainer`, and their ratio, in one run.
+in-process Hugging Face `Trainer`, their ratio, and where the time goes, in one run.
 
-Both sides train all-MiniLM-L6-v2 (full fine-tuning, fp32, batch 32, maxSeqLength 64) on the same SST-2 rows for
-the same number of optimizer steps, with the same torch thread count. Throughput is measured on the training
-steps only (the Ray side reports it from the rank-0 worker; the HF side from the Trainer's train_samples_per_second),
-so start-up costs are reported separately as wall time.
+Both sides train all-MiniLM-L6-v2 (full fine-tuning, fp32, batch 32, maxSeqLength 64) on the same SST-2 rows
+(the quick-start subset shipped in examples/data/sst2) for the same number of optimizer steps, with the same torch
+thread count, the same tokenisation and padding. Like for like means the training loop on both sides: the HF
+side's `train_samples_per_second` (its whole `train()`, no evaluation, no saving) against the Ray worker's loop
+minus the evaluations and Ray Train reports/checkpoints it makes inside the loop (printed separately). The runs
+are interleaved (HF, Ray, HF, Ray, ...) so a change in background load hits both alike; the best run of each
+side counts, and every run is printed.
 
-    HF_HOME=.cache/hf HF_HUB_OFFLINE=1 .venv/bin/python bench/overhead.py [--samples 640]
+    HF_HOME=.cache/hf HF_HUB_OFFLINE=1 .venv/bin/python bench/overhead.py [--samples 640] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 import torch
 from finetune_trainer import sources
 from finetune_trainer.data import prepare
 from finetune_trainer.driver import RunOptions, run_training
-from finetune_trainer.spec import parse_spec
-from finetune_trainer.train_loop import encode, make_collate
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from finetune_trainer.features import encode, make_collate
+from finetune_trainer.spec import FineTuneJobSpec, parse_spec
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
+SST2 = ROOT / "examples" / "data" / "sst2"  # the quick-start subset shipped in the repo
 MODEL = "hf://sentence-transformers/all-MiniLM-L6-v2"
+BATCH = 32
 
 
-def spec_for(samples: int) -> Any:
+def spec_for(samples: int) -> FineTuneJobSpec:
     return parse_spec(
         {
             "model": {"uri": MODEL},
@@ -46,10 +60,23 @@ def spec_for(samples: int) -> Any:
                 "maxEvalSamples": 64,
             },
             "method": {"strategy": "full"},
-            "hyperparameters": {"learningRate": "1e-4", "epochs": 1, "batchSize": 32, "maxSeqLength": 64},
+            "hyperparameters": {"learningRate": "1e-4", "epochs": 1, "batchSize": BATCH, "maxSeqLength": 64},
             "checkpoint": {"everySteps": 100_000, "keep": 1},
         }
     )
+
+
+class StepTimer(TrainerCallback):
+    """Seconds inside HF's optimizer steps (forward, backward, clip, step), like the Ray loop's `steps` timing."""
+
+    def __init__(self) -> None:
+        self.seconds, self.started = 0.0, 0.0
+
+    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.started = time.monotonic()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.seconds += time.monotonic() - self.started
 
 
 def hf_trainer(samples: int, threads: int) -> dict[str, float]:
@@ -61,74 +88,165 @@ def hf_trainer(samples: int, threads: int) -> dict[str, float]:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     feats = encode(tok, data.train, task=spec.task, max_length=64)
+    timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=32, num_train_epochs=1, learning_rate=1e-4,
+            output_dir=tmp, per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=1e-4,
             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
             seed=42,
         )  # fmt: skip
-        trainer = Trainer(model=model, args=args, train_dataset=feats, data_collator=make_collate(tok.pad_token_id))
-        started = time.monotonic()
+        collate = make_collate(tok.pad_token_id, task=spec.task)
+        trainer = Trainer(model=model, args=args, train_dataset=feats, data_collator=collate, callbacks=[timer])
         out = trainer.train()
-        wall = time.monotonic() - started
-    return {"samples_per_second": float(out.metrics["train_samples_per_second"]), "train_wall_seconds": wall}
+    loop = float(out.metrics["train_runtime"])
+    steps = int(out.global_step)
+    return {
+        "samples_per_second": float(out.metrics["train_samples_per_second"]),
+        "loop_seconds": loop,
+        "step_seconds": timer.seconds,
+        "steps": steps,
+        "step_samples_per_second": samples / timer.seconds if timer.seconds else 0.0,
+    }
 
 
-def ray_train(samples: int, threads: int) -> dict[str, float]:
+class CpuSampler:
+    """CPU seconds of this process and every process it started (Ray's GCS, raylet, agents, the Train controller
+    and its helper actors, the training worker), sampled twice a second with their names."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self.stop.wait(0.5):
+            seen: dict[int, tuple[str, float]] = {}
+            for proc in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    seen[proc.pid] = (" ".join(proc.cmdline()[:1]) or proc.name(), times.user + times.system)
+            self.samples.append((time.time(), seen))
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds per process name used in [start, end] (processes alive at both ends)."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return {}
+        (_, first), (_, last) = inside[0], inside[-1]
+        used: dict[str, float] = {}
+        for pid, (name, cpu) in last.items():
+            if pid in first:
+                used[name] = used.get(name, 0.0) + cpu - first[pid][1]
+        return used
+
+
+def ray_train(samples: int, threads: int) -> dict[str, Any]:
+    sampler = CpuSampler()
+    sampler.thread.start()
+    started = time.monotonic()
     ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    rates: list[float] = []
+    ray_up = time.monotonic() - started
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            started = time.monotonic()
             result = run_training(
                 spec_for(samples),
                 options=RunOptions(
                     run_name="overhead", output_uri=tmp, workers=1, cpus_per_worker=threads, gpus_per_worker=0,
-                    on_progress=lambda snap: rates.append(float(snap.get("samples_per_second") or 0.0)),
                 ),
             )  # fmt: skip
-            wall = time.monotonic() - started
     finally:
+        sampler.stop.set()
         ray.shutdown()
+    wall = time.monotonic() - started
+    timing = result.summary["timing"]
+    cpu = sampler.between(timing["startedAt"], timing["startedAt"] + timing["loop"])
+    worker = sum(v for k, v in cpu.items() if "RayTrainWorker" in k)
     steps = int(result.summary["steps"])
-    train_seconds = float(result.summary["wallSeconds"])
+    like_for_like = timing["loop"] - timing["eval"] - timing["report"]
     return {
-        # whole training loop of the worker (includes its per-epoch eval of 64 rows and the final save)
-        "samples_per_second": steps * 32 / train_seconds if train_seconds else 0.0,
-        "median_window_samples_per_second": sorted(r for r in rates if r > 0)[len([r for r in rates if r > 0]) // 2]
-        if any(r > 0 for r in rates)
-        else 0.0,
+        "samples_per_second": samples / like_for_like if like_for_like else 0.0,
+        "loop_seconds": timing["loop"],
+        "step_seconds": timing["steps"],
+        "eval_seconds_in_loop": timing["eval"],
+        "report_seconds_in_loop": timing["report"],
+        "steps": steps,
+        "step_samples_per_second": samples / timing["steps"] if timing["steps"] else 0.0,
+        "samples_per_second_whole_loop": samples / timing["loop"] if timing["loop"] else 0.0,
+        "ray_init_seconds": ray_up,
         "wall_seconds_including_startup": wall,
+        "cpu_seconds_in_loop_training_worker": worker,
+        "cpu_seconds_in_loop_other_ray_processes": sum(cpu.values()) - worker,
+        "cpu_seconds_in_loop_by_process": dict(sorted(cpu.items(), key=lambda kv: -kv[1])[:8]),
     }
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def breakdown(hf: dict[str, Any], rt: dict[str, Any]) -> str:
+    """Where the Ray side's time goes against the HF side's, per run of the same samples."""
+    hf_other = hf["loop_seconds"] - hf["step_seconds"]
+    rt_other = rt["loop_seconds"] - rt["step_seconds"] - rt["eval_seconds_in_loop"] - rt["report_seconds_in_loop"]
+    rows = [
+        ("optimizer steps (forward, backward, clip, AdamW)", hf["step_seconds"], rt["step_seconds"]),
+        ("between steps (data loading, collate, progress, bookkeeping)", hf_other, rt_other),
+        ("evaluation inside the loop (excluded from the ratio)", 0.0, rt["eval_seconds_in_loop"]),
+        ("Ray Train report / checkpoint inside the loop (excluded)", 0.0, rt["report_seconds_in_loop"]),
+    ]
+    lines = [f"{'':62} {'HF (s)':>8} {'Ray (s)':>8}"]
+    lines += [f"{name:62} {a:8.2f} {b:8.2f}" for name, a, b in rows]
+    lines.append(
+        f"{'optimizer-step throughput (samples/s)':62} {hf['step_samples_per_second']:8.1f} "
+        f"{rt['step_samples_per_second']:8.1f}"
+    )
+    lines.append(
+        f"{'CPU-s of Ray processes other than the worker, during the loop':62} {'':>8} "
+        f"{rt['cpu_seconds_in_loop_other_ray_processes']:8.2f}"
+    )
+    lines.append(
+        f"{'start-up outside the loop: Ray init + workers + model load':62} {'':>8} "
+        f"{rt['wall_seconds_including_startup'] - rt['loop_seconds']:8.1f}"
+    )
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=640)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each side; the best counts")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side; the best counts")
     args = parser.parse_args()
     threads = os.cpu_count() or 1
-    # Interleave the two sides (HF, Ray, HF, Ray, ...) so a change in background load hits both alike, and
-    # compare like with like: samples over the whole training loop on both sides, best run of each.
-    hf_runs, ray_runs = [], []
-    for _ in range(args.repeats):
+    before = uptime()
+    hf_runs: list[dict[str, Any]] = []
+    ray_runs: list[dict[str, Any]] = []
+    for i in range(args.repeats):
         hf_runs.append(hf_trainer(args.samples, threads))
         ray_runs.append(ray_train(args.samples, threads))
+        h, r = hf_runs[-1]["samples_per_second"], ray_runs[-1]["samples_per_second"]
+        print(f"round {i + 1}: HF {h:.1f} | Ray {r:.1f} samples/s | ratio {r / h:.3f} | {uptime()}", flush=True)
     hf = max(hf_runs, key=lambda r: r["samples_per_second"])
     rt = max(ray_runs, key=lambda r: r["samples_per_second"])
     ratio = rt["samples_per_second"] / hf["samples_per_second"]
+    pairs = [r["samples_per_second"] / h["samples_per_second"] for h, r in zip(hf_runs, ray_runs, strict=True)]
     report = {
         "samples": args.samples,
         "threads": threads,
         "hf_trainer_runs": hf_runs,
         "ray_train_runs": ray_runs,
-        "ray_over_hf": ratio,
+        "ray_over_hf_best": ratio,
+        "ray_over_hf_per_round": pairs,
+        "uptime_before": before,
+        "uptime_after": uptime(),
     }
     print(json.dumps(report, indent=2))
+    print(breakdown(hf, rt))
     print(
         f"HF Trainer: {hf['samples_per_second']:.1f} samples/s | Ray Train (1 worker): "
-        f"{rt['samples_per_second']:.1f} samples/s | ratio Ray/HF = {ratio:.2f} "
-        f"(best of {args.repeats} interleaved runs each, whole training loop)"
+        f"{rt['samples_per_second']:.1f} samples/s | ratio Ray/HF = {ratio:.3f} (best of {args.repeats} "
+        f"interleaved runs each, training loop like for like; per round: "
+        f"{', '.join(f'{p:.3f}' for p in pairs)}) | load: {report['uptime_after']}"
     )
     return 0
 

@@ -23,7 +23,7 @@ import boto3
 from botocore.config import Config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SST2 = REPO_ROOT.parent / "shared" / "datasets" / "sst2"
+DEFAULT_SST2 = REPO_ROOT / "examples" / "data" / "sst2"  # shipped in the repo (4,000 train rows, full dev)
 # The demo credentials of examples/s3-credentials.yaml and examples/minio-kind.yaml.
 DEMO_ACCESS_KEY = "finetune-demo"
 DEMO_SECRET_KEY = "finetune-demo-secret-change-me"

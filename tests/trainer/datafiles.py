@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SST2 = REPO_ROOT.parent / "shared" / "datasets" / "sst2"
+SST2 = REPO_ROOT / "examples" / "data" / "sst2"  # the quick-start subset shipped in the repo
 
 
 def sst2_rows(split: str, n: int) -> list[tuple[int, str]]:

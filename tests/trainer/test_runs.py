@@ -23,47 +23,17 @@ import torch
 import yaml
 from finetune_trainer import artifacts, storage
 from finetune_trainer.contract import CHECKPOINTS_DIR, MANIFEST, Metric
-from finetune_trainer.driver import RunOptions, RunResult, run_training
+from finetune_trainer.driver import RunResult
 from finetune_trainer.metrics import TrainerMetrics
-from finetune_trainer.spec import parse_spec
 from peft import AutoPeftModelForSequenceClassification
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.trainer.conftest import VENV_BIN, RayCluster, TrainerEnv, free_port
 from tests.trainer.datafiles import job_manifest
+from tests.trainer.jobs import cls_spec, run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def cls_spec(
-    model: Path | str, data: dict[str, Path], *, strategy: str, fmt: str = "tsv", **overrides: Any
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "model": {"uri": str(model)},
-        "dataset": {
-            "train": str(data[f"{fmt}_train"]),
-            "validation": str(data[f"{fmt}_dev"]),
-            "textColumn": "sentence",
-            "labelColumn": "label",
-        },
-        "method": {"strategy": strategy},
-        "hyperparameters": {"learningRate": "5e-3", "epochs": 2, "batchSize": 16, "maxSeqLength": 32},
-        "checkpoint": {"everySteps": 5, "keep": 2},
-    }
-    for key, value in overrides.items():
-        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    return spec
-
-
-def run(spec: dict[str, Any], out: Path, *, workers: int = 1, **kwargs: Any) -> RunResult:
-    return run_training(
-        parse_spec(spec),
-        options=RunOptions(
-            run_name="t", output_uri=str(out), workers=workers, cpus_per_worker=1, gpus_per_worker=0,
-            resource_wait_seconds=60, **kwargs,
-        ),
-    )  # fmt: skip
 
 
 @pytest.mark.timeout(240)

@@ -159,3 +159,31 @@ def test_label_key_normalises_equivalent_labels() -> None:
     assert {data.label_key(v) for v in (1, 1.0, "1", " 1 ")} == {"1"}
     assert data.label_key(True) == "true"
     assert data.sort_labels({"b", "a", "10"}) == ["10", "a", "b"]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quickstart_data_ships_in_the_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make run` reads only files inside the clone: the quick-start job's data resolves below the repo root."""
+    from finetune_trainer.spec import load_job
+
+    job = load_job(REPO / "examples" / "quickstart.yaml")
+    monkeypatch.chdir(REPO)  # `make run` runs from the repo root; relative paths resolve against it
+    prepared = data.prepare(job.spec)
+    assert (len(prepared.train), len(prepared.validation)) == (4000, 872)
+    for uri in (job.spec.dataset.train, job.spec.dataset.validation):
+        assert uri is not None and (REPO / uri).resolve().is_relative_to(REPO / "examples" / "data")
+    shipped = sum(p.stat().st_size for p in (REPO / "examples" / "data").rglob("*") if p.is_file())
+    assert shipped < 1_000_000
+
+
+def test_nothing_a_user_runs_reads_the_development_share() -> None:
+    """A user's clone has no ../shared: examples, the Makefile and the test data helpers must not point there."""
+    offenders = [
+        str(p.relative_to(REPO))
+        for pattern in ("examples/**/*.yaml", "Makefile", "tests/trainer/*.py", "hack/*.py", "hack/*.sh")
+        for p in REPO.glob(pattern)
+        if "shared/datasets" in p.read_text(encoding="utf-8")
+    ]
+    assert offenders == []

@@ -9,30 +9,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
-from typing import NoReturn
+from typing import Any
 
 import ray
 
+from finetune_trainer import signals
 from finetune_trainer.contract import (
     DEFAULT_METRICS_PORT,
     MANIFEST,
+    SUCCEEDED,
     TERMINATION_MESSAGE_PATH,
     ExitCode,
-    Reason,
-    failure_line,
+    TrainerReport,
 )
-from finetune_trainer.driver import RunOptions, preflight, run_training
-from finetune_trainer.errors import InterruptedRunError, InvalidSpecError, TrainerError, TrainingError
-from finetune_trainer.local import run_local
+from finetune_trainer.driver import RunOptions, RunResult, preflight, run_training
+from finetune_trainer.driverlog import DriverLog
+from finetune_trainer.errors import (
+    InterruptedRunError,
+    InvalidSpecError,
+    QualityGateFailedError,
+    TrainerError,
+    TrainingError,
+)
+from finetune_trainer.local import default_output, run_local
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.shape import worker_shape
 from finetune_trainer.spec import SpecError, load_job
@@ -47,46 +53,74 @@ def _write_termination_message(line: str) -> None:
         path.write_text(line + "\n", encoding="utf-8")
 
 
-def _fail(reason: Reason, message: str, code: ExitCode) -> int:
-    line = failure_line(reason, message)
+def _finish(report: TrainerReport, code: ExitCode, driver_log: DriverLog | None) -> int:
+    """Upload this attempt's log (best effort), then write the report as the last stderr line and the
+    termination message. The report names the log only if the upload worked."""
+    if driver_log is not None:
+        report = dataclasses.replace(report, log_uri=driver_log.uri())
+        if report.log_uri is not None and not driver_log.upload(last_line=report.to_line()):
+            report = dataclasses.replace(report, log_uri=None)
+    line = report.to_line()
+    sys.stdout.flush()
     sys.stderr.flush()
     print(line, file=sys.stderr, flush=True)
     _write_termination_message(line)
     return int(code)
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+def _fail(error: TrainerError, driver_log: DriverLog | None) -> int:
+    tail = driver_log.tail() if driver_log is not None else ()
+    report = TrainerReport(reason=error.reason.value, message=error.message, log_tail=tail)
+    if isinstance(error, QualityGateFailedError):
+        report = dataclasses.replace(report, **_outcome_fields(error.outcome))
+    return _finish(report, error.exit_code, driver_log)
 
 
-def guarded(body: Callable[[], int], *, verbose: bool) -> int:
-    """Run an entry point body and map every outcome onto the exit contract."""
-    if threading_main():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+def _succeed(result: RunResult, driver_log: DriverLog | None) -> int:
+    files = len(result.manifest.get("files", []))
+    report = TrainerReport(
+        reason=SUCCEEDED,
+        message=f"{MANIFEST} written: {files} files under {result.output_uri}",
+        **_outcome_fields(result.outcome),
+    )
+    return _finish(report, ExitCode.SUCCEEDED, driver_log)
+
+
+def _outcome_fields(outcome: dict[str, Any]) -> dict[str, Any]:
+    """The report's result fields from the run's outcome (finish.py): the kept model's watched metric etc."""
+    value, baseline, kept = outcome.get("value"), outcome.get("baseline"), outcome.get("keptStep")
+    negative = outcome.get("negativeTransfer")
+    return {
+        "metric_name": outcome.get("metric") if isinstance(outcome.get("metric"), str) else None,
+        "metric": float(value) if isinstance(value, int | float) else None,
+        "baseline": float(baseline) if isinstance(baseline, int | float) else None,
+        "negative_transfer": negative if isinstance(negative, bool) else None,
+        "kept_step": int(kept) if isinstance(kept, int) else None,
+    }
+
+
+def guarded(body: Callable[[], RunResult], *, verbose: bool, driver_log: DriverLog | None = None) -> int:
+    """Run an entry point body and map every outcome onto the exit contract (report line last)."""
+    signals.install()
     try:
-        return body()
+        result = body()
     except SpecError as e:
-        return _fail(Reason.INVALID_SPEC, str(e), ExitCode.INVALID_SPEC)
+        return _fail(InvalidSpecError(str(e)), driver_log)
     except TrainerError as e:
         if verbose:
             traceback.print_exc()
-        return _fail(e.reason, e.message, e.exit_code)
+        return _fail(e, driver_log)
     except SystemExit as e:  # a library calling sys.exit() must not turn into a silent exit 0
-        err = TrainingError(f"exited early (sys.exit({e.code!r})) before the manifest was written")
-        return _fail(err.reason, err.message, err.exit_code)
+        return _fail(TrainingError(f"exited early (sys.exit({e.code!r})) before the manifest was written"), driver_log)
     except KeyboardInterrupt as e:
         stop = InterruptedRunError(
-            f"interrupted ({e or 'SIGINT'}); checkpoints are kept: relaunch with the same run name to resume"
+            f"interrupted ({e or 'SIGTERM or SIGINT'}); checkpoints are kept: relaunch with the same run name to resume"
         )
-        return _fail(stop.reason, stop.message, stop.exit_code)
+        return _fail(stop, driver_log)
     except Exception as e:  # the last resort: still honour the contract
         traceback.print_exc()
-        err = TrainingError(f"unexpected {type(e).__name__}: {e}")
-        return _fail(err.reason, err.message, err.exit_code)
-
-
-def threading_main() -> bool:
-    return threading.current_thread() is threading.main_thread()
+        return _fail(TrainingError(f"unexpected {type(e).__name__}: {e}"), driver_log)
+    return _succeed(result, driver_log)
 
 
 def _logging(verbose: bool) -> None:
@@ -108,10 +142,11 @@ def run_main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Ray and worker logs")
     args = parser.parse_args(list(argv))
-    _logging(args.verbose)
+    driver_log = DriverLog(attempt=1)
 
-    def body() -> int:
+    def body() -> RunResult:
         job = load_job(args.job)
+        driver_log.target(default_output(job, args.output), storage_spec=job.spec.storage, base_dir=Path.cwd())
         result = run_local(
             job,
             output=args.output,
@@ -126,10 +161,23 @@ def run_main(argv: Sequence[str]) -> int:
             f"trained {summary.get('steps')} steps ({summary.get('strategy')}, "
             f"{summary.get('trainableParameters', 0):,} trainable parameters) in {summary.get('wallSeconds', 0):.0f}s"
         )
+        _print_outcome(result.outcome)
         print(f"artifacts: {result.output_uri} ({MANIFEST} lists {len(result.manifest['files'])} files)")
-        return int(ExitCode.SUCCEEDED)
+        return result
 
-    return guarded(body, verbose=args.verbose)
+    with driver_log.capture():
+        _logging(args.verbose)
+        return guarded(body, verbose=args.verbose, driver_log=driver_log)
+
+
+def _print_outcome(outcome: dict[str, Any]) -> None:
+    print(f"kept: step {outcome.get('keptStep')}: {outcome.get('keptReason')}")
+    if outcome.get("baseline") is not None:
+        verdict = "NEGATIVE TRANSFER" if outcome.get("negativeTransfer") else "fine-tuning beats it"
+        print(
+            f"baseline ({outcome.get('baselineKind')}): {outcome.get('metric')}={outcome['baseline']:.4f} "
+            f"vs {outcome.get('value', float('nan')):.4f}: {verdict}"
+        )
 
 
 def train_main(argv: Sequence[str]) -> int:
@@ -146,13 +194,14 @@ def train_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(list(argv))
-    _logging(args.verbose)
+    driver_log = DriverLog(attempt=args.attempt)
 
-    def body() -> int:
+    def body() -> RunResult:
         job = load_job(args.config)
         spec = job.spec
         if not spec.output.uri:
             raise InvalidSpecError("spec.output.uri: required for finetune train (the operator fills it in)")
+        driver_log.target(spec.output.uri, storage_spec=spec.storage)
         metrics = TrainerMetrics()
         if args.metrics_port:
             metrics.serve(args.metrics_port)
@@ -160,6 +209,7 @@ def train_main(argv: Sequence[str]) -> int:
         # Exactly what each worker pod advertises to Ray (the operator starts it from the same shape).
         shape = worker_shape(spec.resources)
         ray.init(address=args.ray_address, log_to_driver=True, logging_level=logging.WARNING)
+        signals.install()  # ray.init replaced it
         try:
             result = run_training(
                 spec,
@@ -179,6 +229,8 @@ def train_main(argv: Sequence[str]) -> int:
             ray.shutdown()
         log.warning("succeeded: %s (%d files in %s)", result.output_uri, len(result.manifest["files"]), MANIFEST)
         print(f"artifacts: {result.output_uri}")
-        return int(ExitCode.SUCCEEDED)
+        return result
 
-    return guarded(body, verbose=args.verbose)
+    with driver_log.capture():
+        _logging(args.verbose)
+        return guarded(body, verbose=args.verbose, driver_log=driver_log)

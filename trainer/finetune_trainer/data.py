@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from finetune_trainer import storage
-from finetune_trainer.errors import InvalidDatasetError, InvalidSpecError, StorageError
+from finetune_trainer.errors import InvalidDatasetError, InvalidSpecError
 from finetune_trainer.spec import DATA_FORMATS, Task
 
 if TYPE_CHECKING:
@@ -83,11 +83,9 @@ def load_table(uri: str, *, fmt: str | None, storage_spec: StorageSpec | None, b
     kind = infer_format(uri, fmt)
     loc = storage.resolve(uri, storage=storage_spec, base_dir=base_dir)
     try:
-        data = storage.read_bytes(loc)
+        data = storage.read_bytes(loc)  # a storage failure stays a StorageError: retryable, not the data's fault
     except FileNotFoundError as e:
         raise InvalidDatasetError(f"{loc.uri}: file does not exist") from e
-    except StorageError as e:
-        raise InvalidDatasetError(f"{loc.uri}: cannot read: {e.message}") from e
     if not data.strip():
         raise InvalidDatasetError(f"{loc.uri}: file is empty")
     try:

@@ -23,8 +23,15 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from finetune_trainer import artifacts, data, sources, storage
-from finetune_trainer.contract import CHECKPOINTS_DIR, TrainerPhase
-from finetune_trainer.errors import InterruptedRunError, StorageError, TrainerError, TrainingError, classify_failure
+from finetune_trainer.contract import CHECKPOINTS_DIR, MANIFEST, TrainerPhase
+from finetune_trainer.errors import (
+    InterruptedRunError,
+    QualityGateFailedError,
+    StorageError,
+    TrainerError,
+    TrainingError,
+    classify_failure,
+)
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.progress import ProgressBoard
 from finetune_trainer.spec import FineTuneJobSpec
@@ -59,12 +66,23 @@ class RunResult:
     summary: dict[str, Any]
     manifest: dict[str, Any]
 
+    @property
+    def outcome(self) -> dict[str, Any]:
+        """Kept step, watched metric and its value, baseline, negative transfer, gate failures (finish.py)."""
+        return dict(self.summary.get("outcome") or {})
+
 
 def preflight(spec: FineTuneJobSpec, *, output_uri: str, base_dir: Path | None) -> data.PreparedData:
-    """Fail fast (before Ray starts workers): data readable and valid, model present, output writable."""
+    """Fail fast (before Ray starts workers): data readable and valid, model present, output writable.
+
+    The first write to the output removes an old manifest.json: from here until this run's manifest is written,
+    readers see the prefix as incomplete rather than an earlier run's manifest over files this run replaces.
+    """
     prepared = data.prepare(spec, base_dir=base_dir)
     sources.check_model(spec.model, storage_spec=spec.storage, base_dir=base_dir)
     output = storage.resolve(output_uri, storage=spec.storage, base_dir=base_dir)
+    if artifacts.invalidate(output):
+        log.warning("removed the previous run's %s from %s before writing", MANIFEST, output.uri)
     probe = output.child(".write-probe")
     storage.write_bytes(probe, b"ok")
     try:
@@ -204,11 +222,25 @@ def run_training(spec: FineTuneJobSpec, *, options: RunOptions) -> RunResult:
         )
     if metrics is not None:
         metrics.set_phase(TrainerPhase.SAVING)
+    summary = dict(final["summary"])
+    outcome = dict(summary.get("outcome") or {})
     manifest = artifacts.write_manifest(
         output,
         files=list(final["files"]),
         run={"name": options.run_name, "attempt": options.attempt, "steps": final["step"], "final": final["final"]},
+        outcome=outcome,
     )
+    if outcome.get("rejected"):
+        raise QualityGateFailedError(gate_message(outcome), outcome=outcome)
     if metrics is not None:
         metrics.set_phase(TrainerPhase.SUCCEEDED)
-    return RunResult(output_uri=output.uri, summary=dict(final["summary"]), manifest=manifest)
+    return RunResult(output_uri=output.uri, summary=summary, manifest=manifest)
+
+
+def gate_message(outcome: dict[str, Any]) -> str:
+    """Both numbers for every missed gate, and where the model went."""
+    return (
+        f"the model kept at step {outcome.get('keptStep')} misses spec.output.minMetric: "
+        f"{'; '.join(outcome.get('gateFailures', []))}; not published: its artifacts are under rejected/ "
+        "(manifest.json says rejected)"
+    )

@@ -9,6 +9,8 @@ Train worker arrives at the driver with its reason intact.
 
 from __future__ import annotations
 
+from typing import Any
+
 from finetune_trainer.contract import EXIT_CODE_BY_REASON, ExitCode, Reason
 
 
@@ -48,7 +50,8 @@ class ModelNotFoundError(TrainerError):
 
 
 class StorageError(TrainerError):
-    """Object storage or the output location cannot be reached, read or written."""
+    """Object storage, the model hub or the output location cannot be reached, read or written (also after
+    retrying a transient failure: a relaunch may succeed, so the reason is retryable)."""
 
     reason = Reason.STORAGE_ERROR
 
@@ -57,6 +60,23 @@ class TrainingError(TrainerError):
     """Training itself failed (diverged, crashed, ran out of retries)."""
 
     reason = Reason.TRAINING_ERROR
+
+
+class QualityGateFailedError(TrainerError):
+    """The kept model missed spec.output.minMetric; its artifacts are under rejected/, the manifest says so."""
+
+    reason = Reason.QUALITY_GATE_FAILED
+
+    def __init__(self, message: str, *, outcome: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.outcome = dict(outcome or {})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_gate_error, (self.message, self.outcome))
+
+
+def _gate_error(message: str, outcome: dict[str, Any]) -> QualityGateFailedError:
+    return QualityGateFailedError(message, outcome=outcome)
 
 
 class InterruptedRunError(TrainerError):

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import ray
 from tqdm import tqdm
 
+from finetune_trainer import signals
 from finetune_trainer.driver import RunOptions, RunResult, preflight, run_training
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.placement import fit_placement
@@ -72,13 +73,18 @@ class ProgressPrinter:
             self.bar.close()
 
 
+def default_output(job: FineTuneJob, output: str | None) -> str:
+    """--output, else spec.output.uri, else ./runs/<name>."""
+    return output or job.spec.output.uri or str(Path.cwd() / "runs" / job.metadata.name)
+
+
 def run_local(
     job: FineTuneJob, *, output: str | None, metrics_port: int | None, progress: bool, verbose: bool
 ) -> RunResult:
     """Run a job on a local (or RAY_ADDRESS) Ray instance; returns after the manifest is written."""
     spec = job.spec
     base_dir = Path.cwd()
-    output_uri = output or spec.output.uri or str(base_dir / "runs" / job.metadata.name)
+    output_uri = default_output(job, output)
     preflight(spec, output_uri=output_uri, base_dir=base_dir)
     started_ray = False
     if not ray.is_initialized():
@@ -92,6 +98,7 @@ def run_local(
                 logging_level=logging.WARNING,
             )
             started_ray = True
+        signals.install()  # ray.init replaced it
     try:
         have = ray.cluster_resources()  # type: ignore[no-untyped-call]
         placement = fit_placement(

@@ -41,6 +41,19 @@ class TrainerMetrics:
         self.trainable = gauge(Metric.TRAINABLE_PARAMETERS, "Parameters trained by the strategy.")
         self.phase = gauge(Metric.PHASE, "1 for the current phase of the trainer, else 0.", ("phase",))
         self.info = gauge(Metric.INFO, "Constant 1 with the run's strategy and task.", ("strategy", "task"))
+        self.watched = gauge(
+            Metric.WATCHED_METRIC,
+            "Latest value of the watched metric (earlyStopping.metric or task default).",
+            ("metric",),
+        )
+        self.model_loaded = gauge(
+            Metric.MODEL_LOADED_TIMESTAMP, "Unix time this attempt loaded the model (0 = not yet)."
+        )
+        self.first_step = gauge(Metric.FIRST_STEP_TIMESTAMP, "Unix time of this attempt's first optimizer step.")
+        self.checkpoint = gauge(
+            Metric.CHECKPOINT_INFO, "Step of the latest complete checkpoint; label uri = its location.", ("uri",)
+        )
+        self.checkpoint_uri: str | None = None
         self.set_phase(TrainerPhase.INITIALIZING)
 
     def serve(self, port: int, *, addr: str = "0.0.0.0") -> Any:
@@ -67,14 +80,35 @@ class TrainerMetrics:
             "last_checkpoint_step": self.ckpt_step,
             "resumed_from_step": self.resumed,
             "trainable_parameters": self.trainable,
+            "model_loaded_time": self.model_loaded,
+            "first_step_time": self.first_step,
         }
         for key, gauge in simple.items():
             value = snap.get(key)
             if isinstance(value, int | float):
                 gauge.set(float(value))
-        for name, value in (snap.get("eval") or {}).items():
+        evals = snap.get("eval") or {}
+        for name, value in evals.items():
             if name in EVAL_METRICS and isinstance(value, int | float):
                 self.eval_metric.labels(metric=name).set(float(value))
+        watched = snap.get("eval_metric_name")
+        if watched in EVAL_METRICS and isinstance(evals.get(watched), int | float):
+            self.watched.labels(metric=watched).set(float(evals[watched]))
+        self._checkpoint(snap)
         phase = snap.get("phase")
         if phase in {p.value for p in TrainerPhase}:
             self.set_phase(TrainerPhase(phase))
+
+    def _checkpoint(self, snap: dict[str, Any]) -> None:
+        """One series: the latest complete checkpoint's location, valued with its step (the old one removed).
+
+        The worker pushes checkpoint_uri together with last_checkpoint_step, after Ray Train has persisted it.
+        """
+        uri, step = snap.get("checkpoint_uri"), snap.get("last_checkpoint_step")
+        if not isinstance(uri, str) or not uri or not isinstance(step, int | float):
+            return
+        if uri != self.checkpoint_uri:
+            if self.checkpoint_uri is not None:
+                self.checkpoint.remove(self.checkpoint_uri)
+            self.checkpoint_uri = uri
+        self.checkpoint.labels(uri=uri).set(float(step))

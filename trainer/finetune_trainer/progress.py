@@ -8,10 +8,16 @@ Python so it can be unit-tested and used without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 from finetune_trainer.contract import TrainerPhase
+
+# Timeline values that describe the attempt, not the latest worker group: a worker group that Ray Train restarts
+# inside the attempt loads the model and takes a first step again, but the attempt's first ones stay.
+FIRST_ONLY = frozenset({"model_loaded_time", "first_step_time"})
+PUSH_INTERVAL_S = 1.0
 
 
 class ProgressBoard:
@@ -22,7 +28,11 @@ class ProgressBoard:
 
     def update(self, values: dict[str, Any]) -> None:
         """Merge new values; eval metrics merge into the `eval` mapping rather than replacing it."""
+        values = dict(values)
         evals = values.pop("eval", None)
+        for key in FIRST_ONLY & values.keys():
+            if key in self._state:
+                del values[key]
         self._state.update(values)
         if evals:
             self._state.setdefault("eval", {}).update(evals)
@@ -30,3 +40,21 @@ class ProgressBoard:
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self._state)
+
+
+class Board:
+    """Rank 0's handle on the driver's ProgressBoard actor (a no-op on other ranks or without a board)."""
+
+    def __init__(self, handle: Any, *, enabled: bool) -> None:
+        self.handle = handle if enabled else None
+        self.last = 0.0
+
+    def push(self, values: dict[str, Any], *, force: bool = False) -> None:
+        """Send values (fire and forget); unforced pushes are rate-limited to one per PUSH_INTERVAL_S."""
+        if self.handle is None:
+            return
+        now = time.monotonic()
+        if force or now - self.last >= PUSH_INTERVAL_S:
+            self.last = now
+            with contextlib.suppress(Exception):  # progress must never break training
+                self.handle.update.remote(values)

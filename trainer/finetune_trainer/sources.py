@@ -9,11 +9,14 @@ naming the URI and what to do, rather than a deep transformers traceback.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
     from finetune_trainer.spec import ModelSource, StorageSpec
 
 # Files a from_pretrained directory needs; anything else in a hub repo (onnx, openvino, ...) is skipped.
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 _HF_ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.py"]
 MODEL_CACHE_ENV = "FINETUNE_MODEL_CACHE"
 
@@ -39,23 +44,72 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _hub_status(error: BaseException) -> str | None:
+    """'HTTP 503' / 'HTTP 429' / 'unreachable' when the hub had a transient problem anywhere in the error chain."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, HfHubHTTPError) and current.response is not None:
+            status = int(current.response.status_code)
+            if status == 429 or status >= 500:
+                return f"HTTP {status}"
+        if _is_transport_error(current):
+            return f"unreachable ({type(current).__name__})"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _is_transport_error(error: BaseException) -> bool:
+    # The hub client's HTTP library (httpx or its fork httpx2, by version) raises TransportError subclasses for
+    # refused/reset connections and timeouts; match by class name so no particular library is imported here.
+    if isinstance(error, ConnectionError | TimeoutError):
+        return True
+    return any(cls.__name__ == "TransportError" for cls in type(error).__mro__)
+
+
+def _from_hub(uri: str, call: Callable[[], T], *, policy: storage.RetryPolicy = storage.RETRY) -> T:
+    """Run a hub call; rate limits (429), server errors (5xx) and network failures are retried with back-off
+    and then fail as StorageError (retryable); anything else is ModelNotFound (with the offline hint)."""
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return call()
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+            status = _hub_status(e)
+            if status is None:
+                hint = (
+                    " HF_HUB_OFFLINE is set and the model is not in the HF cache ($HF_HOME/hub): pre-populate the "
+                    "cache (for all-MiniLM-L6-v2: python -m finetune_trainer.hfcache seed) or use an s3:// / "
+                    "file:// model."
+                    if _offline()
+                    else ""
+                )
+                raise ModelNotFoundError(f"model {uri} cannot be loaded: {e}.{hint}") from e
+            if attempt == policy.attempts:
+                raise StorageError(
+                    f"model {uri}: the Hugging Face Hub is {status} after {attempt} attempts (a transient hub "
+                    "problem: a retry of the job may succeed; or mirror the model to s3:// or a PVC)"
+                ) from e
+            log.warning(
+                "model %s: hub %s (attempt %d/%d), retrying in %.0fs",
+                uri, status, attempt, policy.attempts, policy.delay(attempt),
+            )  # fmt: skip
+            time.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")
+
+
 def _hf(repo_id: str, revision: str | None) -> Path:
-    try:
-        path = snapshot_download(
+    uri = f"hf://{repo_id}@{revision or 'main'}"
+    path = _from_hub(
+        uri,
+        lambda: snapshot_download(
             repo_id,
             revision=revision,
             allow_patterns=_HF_ALLOW,
             local_files_only=_offline(),
             cache_dir=default_hub_cache(),
-        )
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        hint = (
-            " HF_HUB_OFFLINE is set and the model is not in the HF cache ($HF_HOME/hub): pre-populate the cache "
-            "(for all-MiniLM-L6-v2: python -m finetune_trainer.hfcache seed) or use an s3:// / file:// model."
-            if _offline()
-            else ""
-        )
-        raise ModelNotFoundError(f"model hf://{repo_id}@{revision or 'main'} cannot be loaded: {e}.{hint}") from e
+        ),
+    )
     return Path(path)
 
 
@@ -104,17 +158,16 @@ def check_model(source: ModelSource, *, storage_spec: StorageSpec | None, base_d
     uri = source.uri
     if uri.startswith("hf://"):
         repo_id = uri.removeprefix("hf://").strip("/")
-        try:
-            hf_hub_download(
+        _from_hub(
+            f"hf://{repo_id}@{source.revision or 'main'}",
+            lambda: hf_hub_download(
                 repo_id,
                 "config.json",
                 revision=source.revision,
                 local_files_only=_offline(),
                 cache_dir=default_hub_cache(),
-            )
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-            _hf(repo_id, source.revision)  # raises ModelNotFoundError with the full hint
-            raise ModelNotFoundError(f"model {uri} has no config.json: {e}") from e
+            ),
+        )
         return
     if uri.startswith("s3://"):
         if not storage.is_file(storage.resolve(uri, storage=storage_spec).child("config.json")):

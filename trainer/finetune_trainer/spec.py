@@ -134,6 +134,32 @@ class Strategy(StrEnum):
     LORA = "lora"
 
 
+class Pooling(StrEnum):
+    AUTO = "auto"
+    CLS = "cls"
+    MEAN = "mean"
+
+
+class Baseline(StrEnum):
+    NONE = "none"
+    SCRATCH = "scratch"
+    PROBE = "probe"
+
+
+# The validation metrics the trainer computes per task; loss-like ones are minimised, the others maximised.
+EVAL_METRICS: dict[Task, tuple[str, ...]] = {
+    Task.SEQUENCE_CLASSIFICATION: ("eval_accuracy", "eval_f1", "eval_loss"),
+    Task.CAUSAL_LM: ("eval_loss", "eval_perplexity"),
+}
+DEFAULT_METRIC: dict[Task, str] = {Task.SEQUENCE_CLASSIFICATION: "eval_accuracy", Task.CAUSAL_LM: "eval_loss"}
+MetricName = Literal["eval_accuracy", "eval_f1", "eval_loss", "eval_perplexity"]
+
+
+def minimized(metric: str) -> bool:
+    """Whether lower is better for this metric (losses and perplexity)."""
+    return metric.endswith(("loss", "perplexity"))
+
+
 class Precision(StrEnum):
     AUTO = "auto"
     FP32 = "fp32"
@@ -236,6 +262,13 @@ class MethodSpec(_Model):
     )
     gradual: GradualSpec | None = Field(default=None, description="gradual only: unfreezing schedule.")
     lora: LoraSpec | None = Field(default=None, description="lora only: adapter settings.")
+    pooling: Pooling = Field(
+        default=Pooling.AUTO,
+        description="How a frozen body's token states become one feature vector for a linear head (strategy "
+        "head and evaluation.baseline probe: feature extraction): mean (average of the non-padding tokens), cls "
+        "(the first token, [CLS], for encoders; the last non-padding token for decoders), or auto (what the "
+        "checkpoint was trained for: a sentence-transformers checkpoint's pooling config, else cls).",
+    )
 
     @model_validator(mode="after")
     def _strategy_fields(self) -> Self:
@@ -263,16 +296,12 @@ class MethodSpec(_Model):
 
 class EarlyStoppingSpec(_Model):
     patience: int = Field(default=3, ge=1, description="Evaluations without improvement before stopping.")
-    metric: str = Field(
-        default="eval_accuracy",
-        pattern=r"^eval_[a-z0-9_]+$",
-        description="Metric watched (eval_accuracy, eval_f1, eval_loss, eval_perplexity); loss-like metrics are "
-        "minimised, others maximised.",
+    metric: MetricName | None = Field(
+        default=None,
+        description="Metric watched: eval_accuracy, eval_f1 or eval_loss (sequence-classification), eval_loss or "
+        "eval_perplexity (causal-lm); default eval_accuracy / eval_loss. Loss-like metrics are minimised, the "
+        "others maximised. The model of the best evaluation is the one kept.",
     )
-
-    @property
-    def minimize(self) -> bool:
-        return self.metric.endswith(("loss", "perplexity"))
 
 
 class HyperparametersSpec(_Model):
@@ -347,11 +376,34 @@ class OutputSpec(_Model):
         description="Where artifacts and checkpoints go (s3://bucket/prefix/ or file:///path); default from the "
         "operator settings plus <namespace>/<name>/, or ./runs/<name>/ for finetune run.",
     )
+    min_metric: dict[str, Annotated[float, BeforeValidator(_float_from_string)]] | None = Field(
+        default=None,
+        description="Quality gate, e.g. {eval_accuracy: 0.85}: the kept model must reach every listed validation "
+        "metric (at least the value; at most for eval_loss / eval_perplexity). Below it the model is not "
+        "published: its artifacts go under rejected/, the manifest says rejected and the job fails with reason "
+        "QualityGateFailed.",
+    )
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
         return None if value is None else _check_scheme(value, OUTPUT_URI_SCHEMES, allow_local_path=True)
+
+
+class EvaluationSpec(_Model):
+    baseline: Baseline = Field(
+        default=Baseline.NONE,
+        description="Negative-transfer guard: also train a baseline with the same budget on the same data and "
+        "report it beside the result: scratch (the same architecture from random initialisation, all weights "
+        "trained), probe (a linear head on the frozen pretrained body, sequence-classification only), or none.",
+    )
+    min_gain: Annotated[float, BeforeValidator(_float_from_string)] = Field(
+        default=0.0,
+        ge=0.0,
+        description="How much the fine-tuned model must beat the baseline by, in units of the watched metric "
+        "(earlyStopping.metric or the task default); less is reported as negative transfer (condition "
+        "NegativeTransfer=True).",
+    )
 
 
 class CheckpointSpec(_Model):
@@ -371,6 +423,9 @@ class FineTuneJobSpec(_Model):
     image: str | None = Field(default=None, description="Trainer image; default from the operator settings.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Object storage for s3:// URIs.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where final artifacts are written.")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="Negative-transfer guard: a baseline reported beside the result."
+    )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
     backoff_limit: int = Field(
         default=2, ge=0, le=100, description="Failed attempts retried (each resumes from the latest checkpoint)."
@@ -397,7 +452,55 @@ class FineTuneJobSpec(_Model):
     def _task_fits(self) -> Self:
         if self.task is Task.CAUSAL_LM and self.method.strategy is Strategy.HEAD:
             raise ValueError("strategy 'head' needs a new task head; causal-lm reuses the LM head (use lora or full)")
+        errors = task_errors(self)
+        if errors:
+            raise FieldRulesError(errors)
         return self
+
+    @property
+    def watched_metric(self) -> str:
+        """The metric early stopping, the quality gate report and the baseline comparison use."""
+        es = self.hyperparameters.early_stopping
+        return es.metric if es is not None and es.metric is not None else DEFAULT_METRIC[self.task]
+
+
+class FieldRulesError(ValueError):
+    """Cross-field rule violations, each with the path (below spec) of the field it is about."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{path}: {message}" for path, message in errors))
+
+
+def task_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
+    """Cross-field rules that depend on the task and the method (metric names, pooling, baselines)."""
+    allowed = EVAL_METRICS[spec.task]
+    names = ", ".join(allowed)
+    errors: list[tuple[str, str]] = []
+    es = spec.hyperparameters.early_stopping
+    if es is not None and es.metric is not None and es.metric not in allowed:
+        errors.append(
+            (
+                "hyperparameters.earlyStopping.metric",
+                f"{es.metric} is not computed for {spec.task.value}; use one of {names}",
+            )
+        )
+    for metric in spec.output.min_metric or {}:
+        if metric not in allowed:
+            errors.append(("output.minMetric", f"{metric!r} is not computed for {spec.task.value}; use one of {names}"))
+    baseline = spec.evaluation.baseline
+    probes = spec.method.strategy is Strategy.HEAD or baseline is Baseline.PROBE
+    if spec.method.pooling is not Pooling.AUTO and not probes:
+        errors.append(
+            ("method.pooling", "only used by strategy 'head' and evaluation.baseline 'probe' (leave it auto)")
+        )
+    if baseline is Baseline.PROBE and spec.task is not Task.SEQUENCE_CLASSIFICATION:
+        errors.append(("evaluation.baseline", "probe needs sequence-classification (use scratch for causal-lm)"))
+    if baseline is Baseline.PROBE and spec.method.strategy is Strategy.HEAD:
+        errors.append(
+            ("evaluation.baseline", "strategy 'head' already is a linear probe of the frozen body; use scratch")
+        )
+    return errors
 
 
 class ObjectMeta(BaseModel):
@@ -435,6 +538,10 @@ def spec_errors(error: ValidationError, *, prefix: str = "") -> SpecError:
     for item in error.errors(include_url=False):
         path = _wire_path(tuple(item["loc"]))
         path = ".".join(p for p in (prefix, path) if p)
+        rules = (item.get("ctx") or {}).get("error")
+        if isinstance(rules, FieldRulesError):
+            errors += [(".".join(p for p in (path, sub) if p), message) for sub, message in rules.errors]
+            continue
         message = str(item["msg"]).removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field (check the spelling; see `kubectl explain finetunejob.spec`)"

@@ -10,10 +10,14 @@ so a pickled filesystem (Ray ships the checkpoint filesystem to its workers) car
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -23,6 +27,8 @@ from finetune_trainer.errors import StorageError
 if TYPE_CHECKING:
     from finetune_trainer.spec import StorageSpec
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
 PVC_ROOT_ENV = "FINETUNE_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
@@ -106,49 +112,104 @@ def _describe(loc: Location, action: str, error: Exception) -> str:
     return f"cannot {action} {loc.uri}: {error}{hint}"
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Back-off for transient storage errors, on top of the AWS SDK's own quick retries (3 attempts)."""
+
+    attempts: int = 5
+    first_delay: float = 1.0
+    max_delay: float = 8.0
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.max_delay, self.first_delay * 2 ** (attempt - 1)))
+
+
+RETRY = RetryPolicy()
+# What the AWS SDK (inside pyarrow) reports for a blip: 5xx and 429 responses, throttling, dropped or refused
+# connections, timeouts. Access denied, missing buckets and bad signatures are not in here: retrying cannot fix them.
+_TRANSIENT = re.compile(
+    r"HTTP status (5\d\d|429)|NETWORK_CONNECTION|SLOW_DOWN|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|REQUEST_TIMEOUT"
+    r"|THROTTL|curlCode: (6|7|28|52|55|56)\b|[Tt]imed? ?out|Connection (reset|refused)"
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a storage error is a blip worth retrying (5xx/429/network), not a permanent refusal."""
+    if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    return bool(_TRANSIENT.search(str(error)))
+
+
+def _retrying(loc: Location, action: str, operation: Callable[[], T], *, policy: RetryPolicy = RETRY) -> T:
+    """Run a storage operation; transient errors are retried with back-off, then raised as StorageError (the
+    retryable reason) saying so; permanent errors become StorageError at once. FileNotFoundError passes through."""
+    started = time.monotonic()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return operation()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if not is_transient(e):
+                raise StorageError(_describe(loc, action, e)) from e
+            if attempt == policy.attempts:
+                waited = time.monotonic() - started
+                raise StorageError(
+                    f"{_describe(loc, action, e)}; still failing after {attempt} attempts over {waited:.0f}s "
+                    "(a transient storage error: a retry of the job may succeed)"
+                ) from e
+            log.warning(
+                "%s %s: transient storage error (attempt %d/%d), retrying in %.0fs: %s",
+                action, loc.uri, attempt, policy.attempts, policy.delay(attempt), e,
+            )  # fmt: skip
+            time.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")
+
+
 def exists(loc: Location) -> bool:
     """Whether a file or directory exists at loc; raises StorageError when storage cannot be asked."""
-    try:
-        return bool(loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound)
-    except OSError as e:
-        raise StorageError(_describe(loc, "read", e)) from e
+    return bool(_retrying(loc, "read", lambda: loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound))
 
 
 def is_file(loc: Location) -> bool:
-    try:
-        return bool(loc.fs.get_file_info(loc.path).type == pafs.FileType.File)
-    except OSError as e:
-        raise StorageError(_describe(loc, "read", e)) from e
+    return bool(_retrying(loc, "read", lambda: loc.fs.get_file_info(loc.path).type == pafs.FileType.File))
 
 
 def read_bytes(loc: Location) -> bytes:
     """The whole file; FileNotFoundError when missing (callers know which domain error that is)."""
     if not is_file(loc):
         raise FileNotFoundError(loc.uri)
-    try:
+
+    def read() -> bytes:
         with loc.fs.open_input_stream(loc.path) as stream:
             return bytes(stream.read())
-    except OSError as e:
-        raise StorageError(_describe(loc, "read", e)) from e
+
+    return _retrying(loc, "read", read)
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
-    try:
+    def write() -> None:
         parent = loc.path.rsplit("/", 1)[0]
         if parent and not loc.is_s3:
             loc.fs.create_dir(parent, recursive=True)
         with loc.fs.open_output_stream(loc.path) as stream:
             stream.write(data)
-    except OSError as e:
-        raise StorageError(_describe(loc, "write", e)) from e
+
+    _retrying(loc, "write", write)
+
+
+def delete_file(loc: Location) -> None:
+    """Remove one file (a missing file is not an error)."""
+    try:
+        _retrying(loc, "delete", lambda: loc.fs.delete_file(loc.path))
+    except FileNotFoundError:
+        return
 
 
 def list_files(loc: Location) -> dict[str, int]:
     """Every file below a directory location: relative path -> size in bytes (empty when it does not exist)."""
-    try:
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
-    except OSError as e:
-        raise StorageError(_describe(loc, "list", e)) from e
+    selector = pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)
+    infos = _retrying(loc, "list", lambda: loc.fs.get_file_info(selector))
     prefix = loc.path.rstrip("/") + "/"
     return {
         info.path.removeprefix(prefix): int(info.size)
@@ -164,15 +225,15 @@ def upload_dir(local_dir: Path, loc: Location) -> None:
 
 
 def upload_file(path: Path, loc: Location) -> None:
-    try:
+    def upload() -> None:
         parent = loc.path.rsplit("/", 1)[0]
         if not loc.is_s3:
             loc.fs.create_dir(parent, recursive=True)
         with path.open("rb") as src, loc.fs.open_output_stream(loc.path) as dst:
             while chunk := src.read(_CHUNK):
                 dst.write(chunk)
-    except OSError as e:
-        raise StorageError(_describe(loc, "write", e)) from e
+
+    _retrying(loc, "write", upload)
 
 
 def download_dir(loc: Location, local_dir: Path) -> list[str]:
@@ -182,12 +243,13 @@ def download_dir(loc: Location, local_dir: Path) -> list[str]:
         target = local_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         src = loc.child(rel)
-        try:
+
+        def download(src: Location = src, target: Path = target) -> None:
             with src.fs.open_input_stream(src.path) as stream, target.open("wb") as out:
                 while chunk := stream.read(_CHUNK):
                     out.write(chunk)
-        except OSError as e:
-            raise StorageError(_describe(src, "read", e)) from e
+
+        _retrying(src, "read", download)
     return list(files)
 
 
@@ -201,11 +263,12 @@ def sha256_file(path: Path) -> str:
 
 def sha256_location(loc: Location) -> str:
     """sha256 of a stored file, streamed (used to verify a manifest)."""
-    digest = hashlib.sha256()
-    try:
+
+    def digest() -> str:
+        hasher = hashlib.sha256()
         with loc.fs.open_input_stream(loc.path) as stream:
             while chunk := stream.read(_CHUNK):
-                digest.update(chunk)
-    except OSError as e:
-        raise StorageError(_describe(loc, "read", e)) from e
-    return digest.hexdigest()
+                hasher.update(chunk)
+        return hasher.hexdigest()
+
+    return _retrying(loc, "read", digest)
