@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from finetune_trainer import data
 from finetune_trainer.errors import InvalidDatasetError, InvalidSpecError, TrainerError
-from finetune_trainer.spec import parse_spec
+from finetune_trainer.spec import load_job, parse_spec
 
 from tests.trainer.datafiles import write_table
 
@@ -166,8 +166,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_quickstart_data_ships_in_the_repo(monkeypatch: pytest.MonkeyPatch) -> None:
     """`make run` reads only files inside the clone: the quick-start job's data resolves below the repo root."""
-    from finetune_trainer.spec import load_job
-
     job = load_job(REPO / "examples" / "quickstart.yaml")
     monkeypatch.chdir(REPO)  # `make run` runs from the repo root; relative paths resolve against it
     prepared = data.prepare(job.spec)
