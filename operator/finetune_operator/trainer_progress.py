@@ -25,10 +25,8 @@ TRAINING_PHASES = frozenset({None, TrainerPhase.TRAINING})
 
 
 def watched_metric_name(spec: ftspec.FineTuneJobSpec) -> str:
-    """earlyStopping.metric, else the task's default (docs/trainer-contract.md)."""
-    if spec.hyperparameters.early_stopping is not None:
-        return spec.hyperparameters.early_stopping.metric
-    return "eval_loss" if spec.task is ftspec.Task.CAUSAL_LM else "eval_accuracy"
+    """earlyStopping.metric, else the task's default: the spec's one rule (docs/trainer-contract.md)."""
+    return spec.watched_metric
 
 
 def _eta(spec: ftspec.FineTuneJobSpec, sample: MetricsSample, total: int | None, now: dt.datetime) -> str | None:
