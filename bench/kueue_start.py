@@ -30,11 +30,12 @@ from finetune_operator import kueue as kq
 from finetune_operator.settings import Settings
 from finetune_trainer import spec as ftspec
 from kubernetes import client as k8s
-from tests.devcluster.kube import call_json
-from tests.devcluster.testing import wait_crd_established, wait_for
 
 from devcluster import kueue as kueue_mod
-from tests.devcluster.cluster import DevCluster, down, up
+from devcluster.kube import call_json
+from devcluster.testing import wait_crd_established, wait_for
+from tests.devcluster.cluster import ProcessCluster as DevCluster
+from tests.devcluster.cluster import down, up
 from tests.e2e.operator_harness import CRD
 
 

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.testing import wait_for
+from devcluster.testing import wait_for
+from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import (
     Jobs,
     OperatorHandle,

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.testing import wait_for
+from devcluster.testing import wait_for
+from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import install_crd
 from tests.fixtures.helm import by_kind, render
 

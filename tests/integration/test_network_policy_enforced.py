@@ -23,10 +23,10 @@ from finetune_operator import builders, names
 from finetune_operator.settings import Settings
 from kubernetes import client as k8s
 
-from tests.devcluster.cluster import DevCluster
-from tests.devcluster.kube import call_json
-from tests.devcluster.testing import container_state, wait_for, wait_phase
-from tests.devcluster.testing import pod_manifest as _pod_manifest
+from devcluster.kube import call_json
+from devcluster.testing import container_state, wait_for, wait_phase
+from devcluster.testing import pod_manifest as _pod_manifest
+from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.fixtures import netpol
 from tests.fixtures.netpol import ALL_PORTS
 
