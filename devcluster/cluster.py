@@ -147,7 +147,9 @@ class DevCluster:
         """Build (cached) and import images into every real node's containerd; returns them by name."""
         built = images.ensure_images(names, log=log)
         for plan in self.node_plans():
-            images.load_into_containerd(built.values(), address=plan.containerd_socket, log=log)
+            images.load_into_containerd(
+                built.values(), address=plan.containerd_socket, registry_host=self.net.gateway, log=log
+            )
         return built
 
     def in_node(self, node: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -374,13 +374,8 @@ def _stage_pause(staged: Path, *, log: Log, log_path: Path) -> None:
 def _stage_coredns(staged: Path, *, log: Log, log_path: Path) -> None:
     binary = ensure_go_tool(GO_TOOLS["coredns"], log=log)
     shutil.copy2(binary, staged / "coredns")
-    # Upstream's image does the same: serve :53 as a non-root user without any other privilege.
-    _run_logged(
-        ["setcap", "cap_net_bind_service=+ep", str(staged / "coredns")],
-        what="setcap coredns",
-        log=log,
-        log_path=log_path,
-    )
+    # No file capability: a binary with one cannot even be exec'd in a pod that drops ALL capabilities (EPERM).
+    # Binding :53 as non-root works because containerd sets ip_unprivileged_port_start=0 in every pod.
 
 
 def _stage_minio(staged: Path, *, log: Log, log_path: Path) -> None:
@@ -565,9 +560,18 @@ def _lock(name: str, *, directory: Path | None = None) -> Iterator[None]:
 
 
 def load_into_containerd(
-    images: Iterable[Image], *, address: Path, namespace: str = "k8s.io", log: Log = print
+    images: Iterable[Image],
+    *,
+    address: Path,
+    namespace: str = "k8s.io",
+    registry_host: str = "127.0.0.1",
+    log: Log = print,
 ) -> None:
-    """Import images into the containerd listening on `address`; images already present there are skipped."""
+    """Import images into the containerd listening on `address`; images already present there are skipped.
+
+    containerd pulls from a registry served for the duration on `registry_host`, which must be reachable from
+    containerd's network namespace (a real node's containerd has its own: pass the cluster bridge's gateway).
+    """
     ctr = [str(ctr_binary()), "--address", str(address), "--namespace", namespace]
     listed = subprocess.run([*ctr, "images", "ls", "-q"], capture_output=True, text=True, check=False)
     if listed.returncode != 0:
@@ -585,7 +589,7 @@ def load_into_containerd(
     with layout.locked(exclusive=True) as lock:
         _save_to_layout(todo, layout, log=log)
         lock.share()
-        with registry.serve(layout) as address_port, tempfile.TemporaryDirectory() as hosts:
+        with registry.serve(layout, host=registry_host) as address_port, tempfile.TemporaryDirectory() as hosts:
             hosts_dir = _hosts_dir(Path(hosts), registry=address_port)
             for image in todo:
                 _pull(ctr, image, hosts_dir=hosts_dir, log=log)

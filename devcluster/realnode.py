@@ -228,7 +228,7 @@ def start(
     ]
     _spawn(plan, "containerd", argv=nsenter(init_pid, "env", *containerd_argv), access=access)
     _wait(plan.containerd_socket.exists, plan=plan, access=access, what="containerd socket", timeout=30)
-    images.load_into_containerd(node_images, address=plan.containerd_socket, log=log)
+    images.load_into_containerd(node_images, address=plan.containerd_socket, registry_host=plan.net.gateway, log=log)
     kubelet = [str(bins.kubelet), *kubelet_args(plan, config=files["kubelet"], kubeconfig=files["kubelet-kubeconfig"])]
     _spawn(plan, "kubelet", argv=nsenter(init_pid, *kubelet), access=access)
     proxy = [str(bins.kube_proxy), f"--config={files['kube-proxy']}", "--v=1"]

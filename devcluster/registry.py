@@ -174,20 +174,24 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, layout: Layout) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, layout: Layout, *, host: str) -> None:
+        super().__init__((host, 0), _Handler)
         self.layout = layout
 
 
 @contextlib.contextmanager
-def serve(layout: Layout) -> Iterator[str]:
-    """Serve `layout` read-only on a free loopback port for the block; yields "127.0.0.1:<port>"."""
+def serve(layout: Layout, *, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve `layout` read-only on a free port of `host` for the block; yields "<host>:<port>".
+
+    A containerd in another network namespace (a real node) cannot reach the host's loopback: pass an address
+    of the host that the node routes to (the cluster bridge's gateway).
+    """
     with layout.locked(exclusive=False):
-        server = _Server(layout)
+        server = _Server(layout, host=host)
         thread = threading.Thread(target=server.serve_forever, name="devcluster-registry", daemon=True)
         thread.start()
         try:
-            yield f"127.0.0.1:{server.server_address[1]}"
+            yield f"{host}:{server.server_address[1]}"
         finally:
             server.shutdown()
             server.server_close()
