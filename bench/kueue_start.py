@@ -81,7 +81,7 @@ def _submit(custom: k8s.CustomObjectsApi, name: str, priority: int) -> str:
     job = call_json(custom.create_namespaced_custom_object, names.GROUP, ftspec.API_VERSION, NS, names.PLURAL, body)
     ident = names.JobIdentity(name=name, namespace=NS, uid=job["metadata"]["uid"])
     settings = Settings(identity="bench")
-    spec = builders.resolve_spec(ftspec.parse_spec(SPEC), settings=settings, ident=ident)
+    spec = builders.resolve_spec(ftspec.parse_spec(SPEC), defaults=builders.operator_defaults(settings), ident=ident)
     prio = kq.Priority(kq.PriorityKind.WORKLOAD_PRIORITY_CLASS, f"p{priority}", priority)
     _create(custom, "workloadpriorityclasses", {"apiVersion": kq.API_VERSION, "kind": "WorkloadPriorityClass",
                                                 "metadata": {"name": f"p{priority}"}, "value": priority})  # fmt: skip

@@ -125,7 +125,9 @@ class Queue:
             body,
         )  # fmt: skip
         ident = names.JobIdentity(name=job, namespace=self.namespace, uid=created["metadata"]["uid"])
-        spec = builders.resolve_spec(ftspec.parse_spec(JOB_SPEC), settings=SETTINGS, ident=ident)
+        spec = builders.resolve_spec(
+            ftspec.parse_spec(JOB_SPEC), defaults=builders.operator_defaults(SETTINGS), ident=ident
+        )
         workload = kq.build_workload(
             spec,
             settings=SETTINGS,

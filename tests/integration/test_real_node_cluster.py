@@ -43,8 +43,17 @@ def _cross_node_service(cluster: devcluster.DevCluster, image: str) -> str:
         core = k8s.CoreV1Api(api)
         call_json(core.create_namespaced_pod, "default", server)
         call_json(core.create_namespaced_service, "default", svc)
+
+        def ready_endpoint() -> object:
+            try:
+                return call_json(core.read_namespaced_endpoints, "web", "default").get("subsets")
+            except k8s.ApiException as e:  # the endpoints controller has not created the object yet
+                if e.status != 404:
+                    raise
+                return None
+
         wait_for(
-            lambda: call_json(core.read_namespaced_endpoints, "web", "default").get("subsets"),
+            ready_endpoint,
             timeout=120,
             what="Service web has a ready endpoint",
         )
