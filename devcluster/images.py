@@ -631,13 +631,25 @@ def _pull(ctr: Sequence[str], image: Image, *, hosts_dir: Path, log: Log) -> Non
 
 def ctr_binary() -> Path:
     """ctr: $FT_CTR, else the one built with the node's containerd (hack/versions.env), else PATH's."""
-    override = os.environ.get("FT_CTR")
-    built = cache_dir() / "containerd" / versions().get("CONTAINERD_VERSION", "none") / "bin" / "ctr"
-    on_path = shutil.which("ctr")
+    return _containerd_tool("ctr", os.environ.get("FT_CTR"))
+
+
+def containerd_binary() -> Path:
+    """The containerd daemon that pairs with ctr_binary(): the same build, so ctr's transfer service exists."""
+    ctr = ctr_binary()
+    paired = ctr.parent / "containerd"
+    if os.access(paired, os.X_OK):
+        return paired
+    raise ImageBuildError(f"no containerd next to {ctr}: build containerd (make binaries)")
+
+
+def _containerd_tool(name: str, override: str | None) -> Path:
+    built = cache_dir() / "containerd" / versions().get("CONTAINERD_VERSION", "none") / "bin" / name
+    on_path = shutil.which(name)
     for candidate in (Path(override) if override else None, built, Path(on_path) if on_path else None):
         if candidate is not None and os.access(candidate, os.X_OK):
             return candidate
-    raise ImageBuildError("ctr not found: build containerd (make binaries) or apt-get install containerd")
+    raise ImageBuildError(f"{name} not found: build containerd (make binaries) or apt-get install containerd")
 
 
 # --- command line ---------------------------------------------------------------------------------------------

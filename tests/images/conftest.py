@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.images import Image, ensure_images
+from devcluster.images import Image, ImageBuildError, containerd_binary, ensure_images
 from tests.images.podman import Containers
 
 logger = logging.getLogger("devcluster.images")
@@ -84,13 +84,17 @@ state = "{root}/state"
 
 @pytest.fixture
 def private_containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Debian's containerd with its own root, state and socket in a temp dir; yields the socket path."""
-    if shutil.which("containerd") is None or shutil.which("ctr") is None:
-        pytest.skip("containerd and ctr are not installed (apt-get install containerd)")
+    """The containerd paired with ctr_binary() (the node's build: a ctr 2.x pulls through containerd 2.x's
+    transfer service, which Debian's 1.6 lacks), with its own root, state and socket in a temp dir; yields the
+    socket path."""
+    try:
+        daemon = containerd_binary()
+    except ImageBuildError as error:
+        pytest.skip(str(error))
     root = Path(tmp_path_factory.mktemp("containerd", numbered=True))
     (root / "config.toml").write_text(CONTAINERD_CONFIG.format(root=root))
     with (root / "containerd.log").open("w") as out:
-        proc = subprocess.Popen(["containerd", "--config", str(root / "config.toml")], stdout=out, stderr=out)
+        proc = subprocess.Popen([str(daemon), "--config", str(root / "config.toml")], stdout=out, stderr=out)
     socket = root / "containerd.sock"
     try:
         deadline = time.monotonic() + 30

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 from finetune_trainer import cli
-from finetune_trainer.driver import RunOptions
+from finetune_trainer.driver import RunOptions, RunResult
 
 
 @pytest.mark.parametrize(
@@ -19,13 +19,9 @@ def test_train_waits_for_the_worker_shape(
 ) -> None:
     seen: list[RunOptions] = []
 
-    class Result:
-        output_uri = "s3://o/x/"
-        manifest: dict[str, Any] = {"files": []}
-
-    def run_training(_spec: Any, *, options: RunOptions) -> Result:
+    def run_training(_spec: Any, *, options: RunOptions) -> RunResult:
         seen.append(options)
-        return Result()
+        return RunResult(output_uri="s3://o/x/", summary={}, manifest={"files": []})
 
     monkeypatch.setattr(cli, "preflight", lambda *_a, **_k: None)
     monkeypatch.setattr(cli.ray, "init", lambda *_a, **_k: None)
