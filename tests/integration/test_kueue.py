@@ -32,12 +32,11 @@ from devcluster.kube import call_json
 from devcluster.kueue import Kueue
 from devcluster.testing import wait_crd_established, wait_for
 from tests.devcluster.cluster import ProcessCluster as DevCluster
-from tests.devcluster.node import NodeSpec
 from tests.e2e.operator_harness import (
     CRD,
-    SIM_LABEL,
     Jobs,
     OperatorHandle,
+    add_simulated_node,
     grant_documented_rbac,
     job_manifest,
     operator_settings,
@@ -392,13 +391,13 @@ def _grant_kueue_rbac(cluster: DevCluster, namespace: str) -> str:
 
 @pytest.fixture
 def queued(cluster: DevCluster, kueue: Kueue, namespace: str) -> Iterator[Queued]:
-    with make_queue(cluster, namespace, quota=SMALL_QUOTA) as q:
-        node = f"sim-{secrets.token_hex(3)}"
-        cluster.add_node(NodeSpec(
-            name=node, cpu="16", memory="64Gi", simulate=True,
-            labels={SIM_LABEL: "true", FLAVOR_LABEL: q.flavor},
+    with contextlib.ExitStack() as stack:
+        q = stack.enter_context(make_queue(cluster, namespace, quota=SMALL_QUOTA))
+        node = contextlib.contextmanager(add_simulated_node)(
+            cluster, cpu="16", memory="64Gi", labels={FLAVOR_LABEL: q.flavor},
             taints=({"key": "finetune.dev/reserved", "value": "true", "effect": "NoSchedule"},),
-        ))  # fmt: skip
+        )  # fmt: skip
+        stack.enter_context(node)
         kubeconfig = grant_documented_rbac(cluster, namespace)
         reads = _grant_kueue_rbac(cluster, namespace)
         handle = start_operator(operator_settings(namespace, kubeconfig, kueue_enabled=True))
@@ -406,7 +405,6 @@ def queued(cluster: DevCluster, kueue: Kueue, namespace: str) -> Iterator[Queued
             yield Queued(queue=q, jobs=Jobs(cluster, namespace), operator=handle)
         finally:
             assert handle.stop_and_wait() == 0
-            cluster.remove_node(node)
             cluster.kubectl("delete", "clusterrole,clusterrolebinding", reads, "--ignore-not-found")
 
 

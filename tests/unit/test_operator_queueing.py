@@ -7,6 +7,7 @@ must get exactly the plan it got before the integration existed.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from finetune_operator import builders
 from finetune_operator import kueue as kq
 from finetune_operator import observe as ob
 from finetune_operator import status as st
+from finetune_operator.services import queue as queue_io
 from finetune_operator.settings import Settings
 from finetune_operator.status_model import AttemptRecord, Phase, QueueStatus, Status
 
@@ -340,3 +342,16 @@ def test_placement_reaches_every_pod_of_the_attempt() -> None:
         assert {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["spec"]["tolerations"]
         assert worker["metadata"]["labels"][kq.CLUSTER_QUEUE_POD_LABEL] == "gpu-cq"
     assert kq.place_children(rendered, {}) == rendered
+
+
+class _NoApi:
+    """A Kube that fails the test on any request."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"a job without the queue label made a Kubernetes request ({name})")
+
+
+@pytest.mark.parametrize("labels", [None, {}, {"app": "x"}, {kq.QUEUE_LABEL: " "}])
+def test_a_job_without_the_label_makes_no_kueue_request(labels: dict[str, str] | None) -> None:
+    observed = asyncio.run(queue_io.observe(_NoApi(), labels=labels, ident=IDENT))  # type: ignore[arg-type]
+    assert observed is None
