@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,9 @@ from finetune_operator import builders
 from finetune_operator import kueue as kq
 from finetune_operator import observe as ob
 from finetune_operator import status as st
+from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.services import queue as queue_io
+from finetune_operator.services import reconcile
 from finetune_operator.settings import Settings
 from finetune_operator.status_model import AttemptRecord, Phase, QueueStatus, Status
 
@@ -355,3 +358,25 @@ class _NoApi:
 def test_a_job_without_the_label_makes_no_kueue_request(labels: dict[str, str] | None) -> None:
     observed = asyncio.run(queue_io.observe(_NoApi(), labels=labels, ident=IDENT))  # type: ignore[arg-type]
     assert observed is None
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "count"),
+    [
+        (QueueStatus(name="q", queued_since=ts(0)), QueueStatus(name="q", admitted=True, admitted_time=ts(30)), 1),
+        (QueueStatus(name="q", queued_since=ts(0)), QueueStatus(name="q", queued_since=ts(0)), 0),
+        (QueueStatus(name="q", admitted=True), QueueStatus(name="q", admitted=True, admitted_time=ts(30)), 0),
+        (None, None, 0),
+    ],
+    ids=["admitted", "still-waiting", "already-admitted", "not-queued"],
+)
+def test_queued_time_is_observed_once_per_admission(
+    old: QueueStatus | None, new: QueueStatus | None, count: int
+) -> None:
+    metrics = OperatorMetrics()
+    ctx = types.SimpleNamespace(metrics=metrics)
+    reconcile._record_queued(ctx, old=Status(queue=old), new=Status(queue=new))  # type: ignore[arg-type]
+    text = metrics.exposition().decode()
+    assert f"finetune_job_queued_seconds_count {float(count)}" in text
+    if count:
+        assert "finetune_job_queued_seconds_sum 30.0" in text
