@@ -6,7 +6,8 @@ without a cluster. The service layer only gathers the Observed snapshot (observe
 Nothing here depends on memory of earlier reconciles beyond what the status stored in the API server says, so an
 operator restarted at any moment takes the same decisions.
 
-The decision, in order: a finished job stays finished; an invalid spec fails; suspend; the head's outcome (a head
+The decision, in order: a finished job stays finished; an invalid spec fails; suspend; for a job under Kueue, wait
+Queued (no pods) until its Workload is admitted, and go back there when Kueue evicts it; the head's outcome (a head
 that succeeded wins over every deadline: its artifacts are complete); the active deadline; the head's failure
 (retry or fail); otherwise the attempt is alive: repair it, time every not-running pod from its own creation, and
 report Pending / Starting / Running.
