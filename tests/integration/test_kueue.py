@@ -438,7 +438,7 @@ def test_operator_queues_the_second_job_until_the_first_succeeds(cluster: DevClu
 
     cluster.simulate_exit(namespace, "first-a1-head", exit_code=0)
     jobs.wait_phase("first", "Succeeded")
-    assert queued.queue.admission(queued.workload("first")).state is kq.WorkloadState.FINISHED
+    queued.queue.wait_state(queued.workload("first"), kq.WorkloadState.FINISHED)  # written right after the status
     jobs.wait_running_pods("second", 2, attempt=1)
     started = jobs.wait_phase("second", "Running")
     assert started["attempt"] == 1 and started["queue"]["admitted"] is True
