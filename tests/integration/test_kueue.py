@@ -481,3 +481,29 @@ def test_operator_leaves_a_job_without_the_label_alone(queued: Queued) -> None:
         kq.WORKLOAD_PLURAL,
     )["items"]  # fmt: skip
     assert workloads == []
+
+
+def test_operator_users_suspend_wins_and_frees_the_quota(queued: Queued, cluster: DevCluster) -> None:
+    jobs, namespace = queued.jobs, queued.queue.namespace
+    queued.submit("paused")
+    jobs.wait_running_pods("paused", 2, attempt=1)
+    jobs.wait_phase("paused", "Running")
+    workload = queued.workload("paused")
+
+    jobs.patch("paused", {"suspend": True})
+    jobs.wait_phase("paused", "Suspended")
+    jobs.wait_no_pods("paused")
+    assert queued.queue.get_workload(workload)["spec"]["active"] is False
+    # Kueue evicts the inactive Workload, the operator hands its quota back: another job is admitted meanwhile.
+    queued.submit("meanwhile")
+    jobs.wait_running_pods("meanwhile", 2, attempt=1)
+    assert jobs.status("paused")["phase"] == "Suspended"  # Kueue's eviction never overrides the user's suspend
+
+    jobs.patch("paused", {"suspend": False})
+    waiting = jobs.wait_phase("paused", "Queued")  # active again, but the quota is taken
+    assert waiting["queue"]["admitted"] is False
+    assert not jobs.pods("paused")
+    cluster.simulate_exit(namespace, "meanwhile-a1-head", exit_code=0)
+    jobs.wait_running_pods("paused", 2, attempt=2)
+    resumed = jobs.wait_phase("paused", "Running")
+    assert resumed["attempt"] == 2 and resumed["failedAttempts"] == 0
