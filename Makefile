@@ -67,6 +67,7 @@ crds: venv ## regenerate crds/, the chart's CRD copy and deploy/rbac.yaml from t
 	$(VENV)/bin/finetune crd > crds/finetune.dev_finetunejobs.yaml
 	cp crds/finetune.dev_finetunejobs.yaml charts/finetune-operator/files/crds/finetune.dev_finetunejobs.yaml
 	$(PY) -m finetune_operator.rbac > deploy/rbac.yaml
+	$(PY) -m finetune_operator.rbac kueue > deploy/rbac-kueue.yaml
 
 chart-crds: crds ## alias: the chart installs AND upgrades the CRD from files/crds/
 

@@ -153,7 +153,7 @@ async def _lead(
             return EXIT_OK
         tasks["lease"] = asyncio.create_task(elector.hold())
     kopf_stop = asyncio.Event()
-    registry = handlers.build_registry(connection=await connection_info(configuration))
+    registry = handlers.build_registry(connection=await connection_info(configuration), kueue=settings.kueue_enabled)
     tasks["kopf"] = asyncio.create_task(
         kopf.operator(
             registry=registry,

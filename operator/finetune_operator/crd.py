@@ -297,6 +297,7 @@ def build_crd() -> Schema:
             "description": "Watched evaluation metric (earlyStopping.metric, else the task default)",
         },
         {"name": "Workers", "type": "string", "jsonPath": ".status.cluster.ready", "description": "Ready workers"},
+        {"name": "Queue", "type": "string", "jsonPath": ".status.queue.name", "description": "Kueue LocalQueue"},
         {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
         {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

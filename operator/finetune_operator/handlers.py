@@ -14,6 +14,7 @@ from typing import Any
 
 import kopf
 
+from finetune_operator import kueue as kq
 from finetune_operator import names
 from finetune_operator.services.reconcile import ConflictError, Context, reconcile
 
@@ -61,6 +62,18 @@ async def on_pod_event(
         await _safe(_ctx(memo), namespace=namespace, name=job, logger=logger)
 
 
+async def on_workload_event(
+    *,
+    meta: Mapping[str, Any],
+    namespace: str | None,
+    memo: Any,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    **_: Any,
+) -> None:
+    """Kueue admitted, evicted or requeued a job's Workload: reconcile the job at once."""
+    await on_pod_event(meta=meta, namespace=namespace, memo=memo, logger=logger)
+
+
 async def _safe(
     ctx: Context, *, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter[Any]
 ) -> None:
@@ -73,7 +86,7 @@ async def _safe(
         logger.warning("reconcile of %s/%s failed (the resync will retry): %s", namespace, name, e)
 
 
-def build_registry(*, connection: kopf.ConnectionInfo) -> kopf.OperatorRegistry:
+def build_registry(*, connection: kopf.ConnectionInfo, kueue: bool = False) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -82,6 +95,10 @@ def build_registry(*, connection: kopf.ConnectionInfo) -> kopf.OperatorRegistry:
     kopf.on.login(registry=registry)(login)
     kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=registry)(on_job_event)
     kopf.on.event("", "v1", "pods", labels=dict(names.MANAGED_SELECTOR), registry=registry)(on_pod_event)
+    if kueue:  # only with the integration on: the Workload CRD may not exist otherwise
+        kopf.on.event(kq.GROUP, kq.VERSION, kq.WORKLOAD_PLURAL, labels=dict(names.MANAGED_SELECTOR), registry=registry)(
+            on_workload_event
+        )
     return registry
 
 
@@ -93,6 +110,7 @@ def kopf_settings(*, max_workers: int) -> kopf.OperatorSettings:
     # The pod watch asks the API server for our pods only (kopf's handler label filter alone is client-side: the
     # operator would stream every pod of the cluster).
     settings.watching.label_selectors["", "v1", "pods"] = POD_SELECTOR
+    settings.watching.label_selectors[kq.GROUP, kq.VERSION, kq.WORKLOAD_PLURAL] = POD_SELECTOR
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10]

@@ -22,6 +22,7 @@ from finetune_trainer import spec as ftspec
 
 from finetune_operator import builders, names
 from finetune_operator.settings import Settings
+from finetune_operator.status_model import QueueStatus
 
 Manifest = dict[str, Any]
 
@@ -544,3 +545,150 @@ def active_patch(workload: Mapping[str, Any], *, active: bool) -> Manifest | Non
         "metadata": {"resourceVersion": (workload.get("metadata") or {}).get("resourceVersion")},
         "spec": {"active": active},
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a reconcile of a queued job sees and decides (used by status.calculate, carried out by the service layer)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueObserved:
+    """A labelled job's side of Kueue, as read in one reconcile (the I/O layer fills it, calculate decides on it)."""
+
+    name: str  # the LocalQueue
+    workload: Mapping[str, Any] | None = None  # as read from the API server; None: not created yet
+    admission: Admission | None = None  # read_admission(workload, flavors=...)
+
+
+class Gate(StrEnum):
+    """What Kueue's answer means for the job's pods."""
+
+    WAIT = "Wait"  # not admitted (or no Workload yet): no pods; pods left over from an admission are deleted
+    STOP = "Stop"  # evicted: delete the pods, then hand the quota back
+    RUN = "Run"  # admitted: pods may be created, with the placement
+
+
+def gate(queue: QueueObserved) -> Gate:
+    admission = queue.admission
+    if admission is None:
+        return Gate.WAIT
+    state = admission.state
+    if state is WorkloadState.ADMITTED:
+        return Gate.RUN
+    if state is WorkloadState.EVICTED:
+        return Gate.STOP
+    return Gate.WAIT
+
+
+def waiting_words(queue: QueueObserved) -> tuple[str, str]:
+    """(reason, message) for a job Kueue does not let run: Kueue's own words where it gave any."""
+    admission = queue.admission
+    if admission is None:
+        return "Queued", f"waiting for Kueue: creating the Workload in LocalQueue {queue.name}"
+    if admission.eviction is not None:
+        eviction = admission.eviction
+        detail = f" ({eviction.preemption_reason})" if eviction.preemption_reason else ""
+        return eviction.reason or EVICTED, (
+            f"evicted by Kueue{detail}: {eviction.message}; the Ray cluster is deleted and the job resumes from its "
+            "latest checkpoint when Kueue admits it again"
+        )
+    if not admission.active:
+        return "Deactivated", f"Workload {admission.workload} is inactive (spec.active: false)"
+    if admission.quota_reserved:
+        return QUOTA_RESERVED, f"quota reserved in ClusterQueue {admission.cluster_queue}; waiting for admission checks"
+    reason = admission.waiting_reason or "Pending"
+    message = admission.waiting_message or f"waiting for Kueue to admit Workload {admission.workload}"
+    return reason, f"LocalQueue {admission.queue or queue.name}: {message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadActions:
+    """What to do to the job's Workload after the job's status is written (at most one write per reconcile: each
+    write changes the Workload's resourceVersion, which the next one is conditional on)."""
+
+    create: bool = False
+    active: bool = True  # spec.active of a Workload to create
+    spec_patch: Manifest | None = None  # merge patch of the Workload (spec.active)
+    status_patch: Manifest | None = None  # merge patch of its status subresource (release quota, finish)
+    placements: Mapping[str, Placement] = dataclasses.field(default_factory=dict)  # pod set -> for pods created now
+
+    @property
+    def writes(self) -> bool:
+        return self.create or self.spec_patch is not None or self.status_patch is not None
+
+
+def workload_actions(
+    queue: QueueObserved,
+    *,
+    suspend: bool,
+    terminal: bool,
+    succeeded: bool,
+    message: str,
+    pods_left: bool,
+    now: dt.datetime,
+) -> WorkloadActions:
+    """The one Workload write this reconcile owes Kueue (decision table in docs/kueue.md).
+
+    Created once (inactive when the user suspended the job); Finished when the job is; `active` follows the user's
+    spec.suspend; the quota of an evicted Workload is handed back only once no pod of the job is left (terminating
+    ones included: their trainer may still be writing a checkpoint).
+    """
+    workload = queue.workload
+    placements = queue.admission.placements if queue.admission is not None and gate(queue) is Gate.RUN else {}
+    if workload is None:
+        return WorkloadActions(create=not terminal, active=not suspend)
+    if terminal:
+        return WorkloadActions(status_patch=finish_patch(workload, succeeded=succeeded, message=message, now=now))
+    spec_patch = active_patch(workload, active=not suspend)
+    if spec_patch is not None:
+        return WorkloadActions(spec_patch=spec_patch, placements=placements)
+    release = release_quota_patch(workload, now=now) if not pods_left else None
+    return WorkloadActions(status_patch=release, placements=placements)
+
+
+def queue_status(queue: QueueObserved, *, old: QueueStatus | None, now: str) -> QueueStatus:
+    """status.queue: where the job stands with Kueue; `queuedSince` survives reconciles (the queued-time metric)."""
+    admission = queue.admission
+    workload = str((queue.workload or {}).get("metadata", {}).get("name") or "") or None
+    if gate(queue) is Gate.RUN and admission is not None:
+        was = old is not None and old.admitted
+        return QueueStatus(
+            name=queue.name,
+            cluster_queue=admission.cluster_queue,
+            workload=workload,
+            admitted=True,
+            reason=ADMITTED,
+            message=f"admitted by ClusterQueue {admission.cluster_queue}",
+            admitted_time=(old.admitted_time if was and old is not None else None) or now,
+        )
+    reason, message = waiting_words(queue)
+    since = old.queued_since if old is not None and not old.admitted else None
+    return QueueStatus(
+        name=queue.name,
+        cluster_queue=admission.cluster_queue if admission is not None else None,
+        workload=workload,
+        admitted=False,
+        reason=reason,
+        message=message,
+        queued_since=since or now,
+        admitted_time=old.admitted_time if old is not None else None,
+    )
+
+
+def place(pod: Manifest, placements: Mapping[str, Placement]) -> Manifest:
+    """A rendered pod with the placement of its pod set (head or workers) applied; as is when there is none."""
+    role = (pod.get("metadata", {}).get("labels") or {}).get(names.LABEL_ROLE)
+    placement = placements.get(POD_SET_HEAD if role == names.ROLE_HEAD else POD_SET_WORKERS)
+    return apply_placement(pod, placement) if placement is not None else pod
+
+
+def place_children(rendered: builders.Rendered, placements: Mapping[str, Placement]) -> builders.Rendered:
+    """Every pod of an attempt placed where Kueue admitted it (PlacementError on a contradiction)."""
+    if not placements:
+        return rendered
+    return dataclasses.replace(
+        rendered,
+        head=place(rendered.head, placements),
+        workers=tuple(place(w, placements) for w in rendered.workers),
+    )

@@ -15,6 +15,7 @@ from finetune_operator.status_model import Phase, Status
 
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, float("inf"))
 STARTUP_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, float("inf"))
+QUEUE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 14400, 86400, float("inf"))
 RECONCILE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
 
 
@@ -37,6 +38,12 @@ class OperatorMetrics:
             "finetune_job_time_to_first_step_seconds",
             "Creation to the first optimizer step of the first attempt that trained (the trainer's own timestamp)",
             buckets=STARTUP_BUCKETS,
+            registry=r,
+        )
+        self.queued = Histogram(
+            "finetune_job_queued_seconds",
+            "Time a Kueue-managed job waited for admission (first admission and each re-admission after an eviction)",
+            buckets=QUEUE_BUCKETS,
             registry=r,
         )
         self.attempts = Counter("finetune_job_attempts", "Attempts started (first runs, retries, resumes)", registry=r)

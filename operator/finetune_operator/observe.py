@@ -16,6 +16,7 @@ from finetune_trainer import contract
 from finetune_trainer import spec as ftspec
 
 from finetune_operator import names
+from finetune_operator.kueue import QueueObserved
 from finetune_operator.reasons import UNSCHEDULABLE
 from finetune_operator.status_model import Artifacts, OperatorDefaults, Status, parse_time
 from finetune_operator.trainer_metrics import MetricsSample
@@ -159,3 +160,4 @@ class Observed:
     created: str | None = None  # the job's metadata.creationTimestamp
     defaults: OperatorDefaults | None = None  # the operator defaults the spec was resolved with
     log_tails: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # failed pod -> last lines
+    queue: QueueObserved | None = None  # set only for a job under Kueue (labelled, integration enabled)

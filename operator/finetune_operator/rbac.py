@@ -15,6 +15,8 @@ from finetune_operator import names
 SERVICE_ACCOUNT = "finetune-operator"
 CLUSTER_ROLE = "finetune-operator"
 LEASE_ROLE = "finetune-operator-leader-election"
+KUEUE_ROLE = "finetune-operator-kueue"
+KUEUE_GROUP = "kueue.x-k8s.io"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,38 @@ JOB_RULES: tuple[Rule, ...] = (
     ),
     Rule("", ("events",), ("create", "patch"), "Kubernetes Events for every transition (kubectl describe)"),
 )
+# Only with the Kueue integration on (settings.kueue_enabled): namespaced like the job rules.
+KUEUE_RULES: tuple[Rule, ...] = (
+    Rule(
+        KUEUE_GROUP,
+        ("workloads",),
+        ("get", "list", "watch", "create", "patch"),
+        "the Workload a labelled job waits as: created (owned by the job, so GC deletes it), watched for admission "
+        "and eviction, spec.active patched for spec.suspend",
+    ),
+    Rule(
+        KUEUE_GROUP,
+        ("workloads/status",),
+        ("patch",),
+        "hand the quota back after an eviction (once the pods are gone) and mark the Workload Finished",
+    ),
+)
+# Cluster-scoped reads the Kueue integration needs (always a ClusterRole, also in namespaced mode).
+KUEUE_CLUSTER_RULES: tuple[Rule, ...] = (
+    Rule(KUEUE_GROUP, ("resourceflavors",), ("get",), "the assigned flavor's nodeLabels/tolerations for the pods"),
+    Rule(
+        KUEUE_GROUP,
+        ("workloadpriorityclasses",),
+        ("get",),
+        "the Workload's priority from the job's kueue.x-k8s.io/priority-class label",
+    ),
+    Rule(
+        "scheduling.k8s.io",
+        ("priorityclasses",),
+        ("get",),
+        "else the Workload's priority from spec.resources.priorityClassName",
+    ),
+)
 # Only in the operator's own namespace (Role).
 LEASE_RULES: tuple[Rule, ...] = (
     Rule("coordination.k8s.io", ("leases",), ("get", "create", "update"), "leader election: one active replica"),
@@ -82,6 +116,27 @@ def job_role(namespace: str, name: str = CLUSTER_ROLE) -> dict[str, Any]:
     """Namespaced mode: the same rules as a Role in one watched namespace."""
     role = cluster_role(name)
     return {**role, "kind": "Role", "metadata": {**role["metadata"], "namespace": namespace}}
+
+
+def kueue_role(namespace: str, name: str = KUEUE_ROLE) -> dict[str, Any]:
+    """Namespaced mode with Kueue: the Workload rules as a Role in one watched namespace."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
+        "rules": [r.manifest() for r in KUEUE_RULES],
+    }
+
+
+def kueue_cluster_role(name: str = KUEUE_ROLE, *, namespaced: bool = False) -> dict[str, Any]:
+    """With Kueue: the cluster-scoped reads, plus (cluster-wide mode) the Workload rules."""
+    rules = KUEUE_CLUSTER_RULES if namespaced else KUEUE_RULES + KUEUE_CLUSTER_RULES
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "finetune-operator"}},
+        "rules": [r.manifest() for r in rules],
+    }
 
 
 def lease_role(namespace: str, name: str = LEASE_ROLE) -> dict[str, Any]:
@@ -119,21 +174,36 @@ def manifests(namespace: str) -> list[dict[str, Any]]:
     return [account, role, binding(role=role, namespace=namespace), lease, binding(role=lease, namespace=namespace)]
 
 
+def kueue_manifests(namespace: str) -> list[dict[str, Any]]:
+    """What the Kueue integration adds (cluster-wide mode): one ClusterRole and its binding."""
+    role = kueue_cluster_role()
+    return [role, binding(role=role, namespace=namespace)]
+
+
 def markdown_table() -> str:
     lines = ["| API group | Resources | Verbs | Scope | Why |", "|---|---|---|---|---|"]
-    for scope, rules in (("cluster (or watched namespace)", JOB_RULES), ("operator namespace", LEASE_RULES)):
+    for scope, rules in (
+        ("cluster (or watched namespace)", JOB_RULES),
+        ("operator namespace", LEASE_RULES),
+        ("cluster (or watched namespace), Kueue on", KUEUE_RULES),
+        ("cluster, Kueue on", KUEUE_CLUSTER_RULES),
+    ):
         for r in rules:
             group = r.api_group or '"" (core)'
             lines.append(f"| {group} | {', '.join(r.resources)} | {', '.join(r.verbs)} | {scope} | {r.why} |")
     return "\n".join(lines)
 
 
-def render_yaml(namespace: str) -> str:
+def render_yaml(namespace: str, *, kueue: bool = False) -> str:
     import yaml  # noqa: PLC0415  (only for this generator)
 
-    header = "# Generated from finetune_operator/rbac.py (python -m finetune_operator.rbac); do not edit.\n"
-    return header + yaml.safe_dump_all(manifests(namespace), sort_keys=False)
+    command = "python -m finetune_operator.rbac" + (" kueue" if kueue else "")
+    header = f"# Generated from finetune_operator/rbac.py ({command}); do not edit.\n"
+    objects = kueue_manifests(namespace) if kueue else manifests(namespace)
+    return header + yaml.safe_dump_all(objects, sort_keys=False)
 
 
 if __name__ == "__main__":
-    print(render_yaml("finetune-system"), end="")
+    import sys
+
+    print(render_yaml("finetune-system", kueue=sys.argv[1:] == ["kueue"]), end="")

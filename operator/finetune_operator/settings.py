@@ -102,6 +102,11 @@ class Settings(BaseModel):
     )
     trainer_metrics_timeout_seconds: float = Field(default=3.0, gt=0, description="Timeout of one progress scrape.")
     kubeconfig: str | None = Field(default=None, description="Kubeconfig path; in-cluster config when absent.")
+    kueue_enabled: bool = Field(
+        default=False,
+        description="Queue FineTuneJobs labelled kueue.x-k8s.io/queue-name through Kueue (docs/kueue.md); off: the "
+        "label is ignored.",
+    )
 
     @field_validator("namespaces", mode="before")
     @classmethod

@@ -6,7 +6,8 @@ without a cluster. The service layer only gathers the Observed snapshot (observe
 Nothing here depends on memory of earlier reconciles beyond what the status stored in the API server says, so an
 operator restarted at any moment takes the same decisions.
 
-The decision, in order: a finished job stays finished; an invalid spec fails; suspend; the head's outcome (a head
+The decision, in order: a finished job stays finished; an invalid spec fails; suspend; for a job under Kueue, wait
+Queued (no pods) until its Workload is admitted, and go back there when Kueue evicts it; the head's outcome (a head
 that succeeded wins over every deadline: its artifacts are complete); the active deadline; the head's failure
 (retry or fail); otherwise the attempt is alive: repair it, time every not-running pod from its own creation, and
 report Pending / Starting / Running.
@@ -22,6 +23,7 @@ from typing import Any, Literal
 from finetune_trainer import contract
 from finetune_trainer import spec as ftspec
 
+from finetune_operator import kueue as kq
 from finetune_operator import names, reasons
 from finetune_operator.observe import Observed, PodRef, PodView
 from finetune_operator.status_model import (
@@ -61,6 +63,7 @@ class Actions:
     delete_pods: tuple[PodRef, ...] = ()
     delete_cluster: bool = False  # every child of every attempt that this job owns
     delete_job: bool = False  # ttlSecondsAfterFinished
+    workload: kq.WorkloadActions | None = None  # Kueue (labelled jobs only): the Workload write and the placement
 
     @property
     def creates(self) -> bool:
@@ -119,7 +122,16 @@ class _Attempt:
 
 
 def calculate(obs: Observed) -> Plan:
-    """The whole decision: new status + actions. Never raises for any observed state."""
+    """The whole decision: new status + actions. Never raises for any observed state.
+
+    A job under Kueue (obs.queue set) takes the same path once admitted; before that, and after an eviction, it
+    waits Queued without pods; what the plan means for its Workload is added last (_with_queue).
+    """
+    plan = _calculate(obs)
+    return _with_queue(obs, obs.queue, plan) if obs.queue is not None else plan
+
+
+def _calculate(obs: Observed) -> Plan:
     old = obs.old
     if old.phase is not None and old.phase.terminal:
         return _terminal(obs)
@@ -128,6 +140,8 @@ def calculate(obs: Observed) -> Plan:
     base = _carry(obs, obs.spec)
     if obs.spec.suspend:
         return _suspend(obs, obs.spec, base)
+    if obs.queue is not None and kq.gate(obs.queue) is not kq.Gate.RUN:
+        return _queued(obs, obs.queue, obs.spec, base)
     base, events = _resume(obs, base)
     attempt = _attempt(obs, obs.spec, base, events)
     head = attempt.head
@@ -214,9 +228,54 @@ def _suspend(obs: Observed, spec: ftspec.FineTuneJobSpec, base: Status) -> Plan:
     )
 
 
+def _queued(obs: Observed, queue: kq.QueueObserved, spec: ftspec.FineTuneJobSpec, base: Status) -> Plan:
+    """Kueue has not admitted the job, or evicted it: no pods (an attempt they belonged to ends, not as a failure),
+    and no deadline runs (start_time starts at admission)."""
+    reason, message = kq.waiting_words(queue)
+    record = base.current_attempt()
+    if record is not None and record.end_time is None:
+        base = _end_attempt(base, reason=reason, now=rfc3339(obs.now))
+    base = base.model_copy(update={"start_time": obs.old.start_time})
+    workers = spec.resources.workers
+    return _plan(
+        obs,
+        base=base,
+        outcome=Outcome(Phase.QUEUED, reason, message),
+        actions=Actions(delete_cluster=any(not p.deleting for p in obs.pods)),
+        cluster=ClusterInfo(workers=workers, workers_ready=0, ready=f"0/{workers}"),
+    )
+
+
+def _with_queue(obs: Observed, queue: kq.QueueObserved, plan: Plan) -> Plan:
+    """The plan plus what it means for the job's Workload, and status.queue (Kueue's view) while not finished."""
+    status = plan.status
+    terminal = status.phase is not None and status.phase.terminal
+    workload = kq.workload_actions(
+        queue,
+        suspend=obs.spec is not None and obs.spec.suspend,
+        terminal=terminal,
+        succeeded=status.phase is Phase.SUCCEEDED,
+        message=status.message or "",
+        pods_left=bool(obs.pods),
+        now=obs.now,
+    )
+    if not terminal:
+        queued = kq.queue_status(queue, old=obs.old.queue, now=rfc3339(obs.now))
+        status = status.model_copy(update={"queue": queued})
+    return dataclasses.replace(plan, status=status, actions=dataclasses.replace(plan.actions, workload=workload))
+
+
+def _resumes(obs: Observed, base: Status) -> bool:
+    """After Suspended, or after Kueue took the quota back from an attempt that had started (its record ended)."""
+    if obs.old.phase is Phase.SUSPENDED:
+        return True
+    record = base.current_attempt()
+    return obs.old.phase is Phase.QUEUED and record is not None and record.end_time is not None
+
+
 def _resume(obs: Observed, base: Status) -> tuple[Status, tuple[Event, ...]]:
-    """Resume after Suspended: a new attempt (not a failure) that continues from the latest checkpoint."""
-    if obs.old.phase is not Phase.SUSPENDED:
+    """Resume after Suspended or an eviction: a new attempt (not a failure) continuing from the latest checkpoint."""
+    if not _resumes(obs, base):
         return base, ()
     attempt = (base.attempt or 1) + 1
     base = base.model_copy(

@@ -61,6 +61,7 @@ class Phase(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    QUEUED = "Queued"  # Kueue has not admitted the job (yet, or again after an eviction): no pods
 
     @property
     def terminal(self) -> bool:
@@ -210,8 +211,21 @@ class TrainingResult(_Wire):
     kept_step: int | None = Field(default=None, description="The step whose weights were published.")
 
 
+class QueueStatus(_Wire):
+    name: str = Field(description="The LocalQueue (label kueue.x-k8s.io/queue-name).")
+    cluster_queue: str | None = Field(default=None, description="The ClusterQueue that admitted the job.")
+    workload: str | None = Field(default=None, description="The Kueue Workload the job waits as.")
+    admitted: bool = Field(default=False, description="Kueue admitted the Workload: the pods may run.")
+    reason: str | None = Field(default=None, description="Kueue's reason (Pending, Preempted, Admitted, ...).")
+    message: str | None = Field(default=None, description="Kueue's message (e.g. which quota is short).")
+    queued_since: str | None = Field(default=None, description="Waiting since (RFC 3339); unset while admitted.")
+    admitted_time: str | None = Field(default=None, description="When Kueue last admitted the job (RFC 3339).")
+
+
 class Status(_Wire):
-    phase: Phase | None = Field(default=None, description="Pending, Starting, Running, Succeeded, Failed, Suspended.")
+    phase: Phase | None = Field(
+        default=None, description="Pending, Starting, Running, Succeeded, Failed, Suspended, Queued."
+    )
     reason: str | None = Field(default=None, description="Why the job is in this phase (CamelCase).")
     message: str | None = Field(default=None, description="Details and what to do next.")
     conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
@@ -238,6 +252,9 @@ class Status(_Wire):
         "whole life, so changing the operator's defaults never changes a job that has started.",
     )
     result: TrainingResult | None = Field(default=None, description="The trainer's final report of the result.")
+    queue: QueueStatus | None = Field(
+        default=None, description="Kueue admission (only for jobs labelled kueue.x-k8s.io/queue-name)."
+    )
 
     def condition(self, kind: ConditionType) -> Condition | None:
         return next((c for c in self.conditions if c.type is kind), None)

@@ -69,10 +69,26 @@ def install_crd(cluster: DevCluster) -> None:
 
 
 def add_simulated_node(
-    cluster: DevCluster, *, cpu: str = "64", memory: str = "256Gi", pods: int = 500
+    cluster: DevCluster,
+    *,
+    cpu: str = "64",
+    memory: str = "256Gi",
+    pods: int = 500,
+    labels: dict[str, str] | None = None,
+    taints: tuple[dict[str, str], ...] = (),
 ) -> Iterator[str]:
     name = f"sim-{secrets.token_hex(3)}"
-    cluster.add_node(NodeSpec(name=name, cpu=cpu, memory=memory, pods=pods, labels={SIM_LABEL: "true"}, simulate=True))
+    cluster.add_node(
+        NodeSpec(
+            name=name,
+            cpu=cpu,
+            memory=memory,
+            pods=pods,
+            labels={SIM_LABEL: "true", **(labels or {})},
+            taints=taints,
+            simulate=True,
+        )
+    )
 
     def ready() -> bool:
         with cluster.api() as api:

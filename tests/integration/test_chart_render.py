@@ -34,6 +34,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "defaults.storage.credentialsSecret": "s3-creds",
         "defaults.outputBaseUri": "s3://models/",
         "logging.level": "DEBUG",
+        "kueue.enabled": True,
     },
 }
 
@@ -170,6 +171,28 @@ def test_rbac_is_exactly_what_the_operator_documents(values: dict[str, Any]) -> 
     (lease,) = [r for r in by_kind(objects, "Role") if r["metadata"]["name"].endswith("-leader-election")]
     # Same verbs as documented; the chart additionally pins get/update to the operator's own Lease name.
     assert _triples(lease["rules"]) == _triples([r.manifest() for r in rbac.LEASE_RULES])
+
+
+@pytest.mark.parametrize("values", [{}, {"watch.namespaces": ["team-a"]}], ids=["cluster", "namespaced"])
+def test_kueue_value_turns_the_integration_on_and_grants_exactly_its_rbac(values: dict[str, Any]) -> None:
+    off = render(values)
+    assert _plain_env(_container(off))["FINETUNE_KUEUE_ENABLED"] == "false"
+    for role in by_kind(off, "ClusterRole") + by_kind(off, "Role"):
+        assert all("kueue.x-k8s.io" not in rule["apiGroups"] for rule in role["rules"]), role["metadata"]["name"]
+
+    on = render({**values, "kueue.enabled": True})
+    assert _plain_env(_container(on))["FINETUNE_KUEUE_ENABLED"] == "true"
+    kueue_roles = [r for r in by_kind(on, "ClusterRole") if r["metadata"]["name"].endswith("-kueue")]
+    (kueue_role,) = kueue_roles
+    assert _triples(kueue_role["rules"]) == _triples([r.manifest() for r in rbac.KUEUE_CLUSTER_RULES])
+    (kueue_binding,) = [b for b in by_kind(on, "ClusterRoleBinding") if b["metadata"]["name"].endswith("-kueue")]
+    assert kueue_binding["roleRef"]["name"] == kueue_role["metadata"]["name"]
+    job_roles = [r for r in by_kind(on, "ClusterRole") if r not in kueue_roles] + [
+        r for r in by_kind(on, "Role") if not r["metadata"]["name"].endswith("-leader-election")
+    ]
+    documented = _triples([r.manifest() for r in (*rbac.JOB_RULES, *rbac.KUEUE_RULES)])
+    for role in job_roles:
+        assert _triples(role["rules"]) == documented, role["metadata"]
 
 
 def test_every_rbac_rule_is_justified_by_a_comment() -> None:

@@ -1,21 +1,28 @@
 """Kueue's external-framework contract against the real Kueue, without our operator: the test plays the operator.
 
 Each test creates FineTuneJobs (the CRD only; no operator runs) and, for each, the Workload the operator will
-create (`finetune_operator.kq.build_workload`), then does what docs/kq.md says the job's controller does:
+create (`finetune_operator.kueue.build_workload`), then does what docs/kueue.md says the job's controller does:
 read the admission, declare the job finished, hand the quota back after an eviction, deactivate on suspend.
-The ClusterQueue has quota for exactly one job. These tests pin down the contract phase 2 builds on.
+The ClusterQueue has quota for exactly one job. These tests pin down the contract the operator implements.
+
+The second half runs the real operator (in-process, under its documented RBAC with the Kueue rules, integration
+on) against the same Kueue: jobs wait Queued, start where the flavor says, are preempted and resume. Pods run on a
+simulated process-node node (Running at once, `simulate_exit` ends them), labelled and tainted like the flavor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import secrets
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from finetune_operator import builders, names
+import yaml
+from finetune_operator import builders, names, rbac
 from finetune_operator import kueue as kq
 from finetune_operator.settings import Settings
 from finetune_trainer import spec as ftspec
@@ -25,7 +32,16 @@ from devcluster.kube import call_json
 from devcluster.kueue import Kueue
 from devcluster.testing import wait_crd_established, wait_for
 from tests.devcluster.cluster import ProcessCluster as DevCluster
-from tests.e2e.operator_harness import CRD
+from tests.e2e.operator_harness import (
+    CRD,
+    Jobs,
+    OperatorHandle,
+    add_simulated_node,
+    grant_documented_rbac,
+    job_manifest,
+    operator_settings,
+    start_operator,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kueue]
 
@@ -54,6 +70,8 @@ JOB_SPEC: dict[str, Any] = {
 }
 QUOTA = {"cpu": "6", "memory": "20Gi", "nvidia.com/gpu": "1"}
 WAIT = 60.0
+FLAVOR_LABEL = "finetune.dev/test-flavor"
+FLAVOR_TOLERATION = {"key": "finetune.dev/reserved", "operator": "Exists", "effect": "NoSchedule"}
 
 
 @dataclasses.dataclass
@@ -175,24 +193,24 @@ def _delete_cluster_objects(api: k8s.ApiClient, objects: list[tuple[str, str]]) 
         wait_for(gone, timeout=WAIT, what=f"{plural}/{name} deleted (Kueue removes its finalizer)")
 
 
-@pytest.fixture
-def queue(cluster: DevCluster, kueue: Kueue, namespace: str) -> Iterator[Queue]:
+@contextlib.contextmanager
+def make_queue(cluster: DevCluster, namespace: str, *, quota: dict[str, str]) -> Iterator[Queue]:
+    """A ResourceFlavor (a node label + a toleration for a taint), a ClusterQueue with `quota`, a LocalQueue."""
     install_crd(cluster)
     suffix = secrets.token_hex(3)
     flavor, cq = f"ft-flavor-{suffix}", f"ft-cq-{suffix}"
     api = cluster.api()
     _cluster_object(api, "resourceflavors", {
         "apiVersion": kq.API_VERSION, "kind": "ResourceFlavor", "metadata": {"name": flavor},
-        "spec": {"nodeLabels": {"finetune.dev/test-flavor": flavor},
-                 "tolerations": [{"key": "finetune.dev/reserved", "operator": "Exists", "effect": "NoSchedule"}]},
+        "spec": {"nodeLabels": {FLAVOR_LABEL: flavor}, "tolerations": [FLAVOR_TOLERATION]},
     })  # fmt: skip
     _cluster_object(api, "clusterqueues", {
         "apiVersion": kq.API_VERSION, "kind": "ClusterQueue", "metadata": {"name": cq},
         "spec": {
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
             "resourceGroups": [{
-                "coveredResources": list(QUOTA),
-                "flavors": [{"name": flavor, "resources": [{"name": r, "nominalQuota": q} for r, q in QUOTA.items()]}],
+                "coveredResources": list(quota),
+                "flavors": [{"name": flavor, "resources": [{"name": r, "nominalQuota": q} for r, q in quota.items()]}],
             }],
             "preemption": {"withinClusterQueue": "LowerPriority"},
         },
@@ -214,6 +232,12 @@ def queue(cluster: DevCluster, kueue: Kueue, namespace: str) -> Iterator[Queue]:
             )
         _delete_cluster_objects(api, [*q.cleanup, ("clusterqueues", cq), ("resourceflavors", flavor)])
         api.close()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def queue(cluster: DevCluster, kueue: Kueue, namespace: str) -> Iterator[Queue]:
+    with make_queue(cluster, namespace, quota=QUOTA) as q:
+        yield q
 
 
 def _priority_classes(q: Queue, **values: int) -> dict[str, str]:
@@ -240,8 +264,8 @@ def test_quota_for_one_admits_one_and_the_next_when_the_first_finishes(queue: Qu
     assert admitted.cluster_queue == queue.cluster_queue
     workers = admitted.placements[kq.POD_SET_WORKERS]
     assert workers.count == 1
-    assert workers.node_selector == {"finetune.dev/test-flavor": queue.flavor}
-    assert workers.tolerations == ({"key": "finetune.dev/reserved", "operator": "Exists", "effect": "NoSchedule"},)
+    assert workers.node_selector == {FLAVOR_LABEL: queue.flavor}
+    assert workers.tolerations == (FLAVOR_TOLERATION,)
     assert workers.labels[kq.CLUSTER_QUEUE_POD_LABEL] == queue.cluster_queue
     assert admitted.placements[kq.POD_SET_HEAD].count == 1
 
@@ -317,3 +341,169 @@ def test_deactivation_is_how_the_users_suspend_reaches_kueue(queue: Queue) -> No
 
     queue.patch_spec(name, kq.active_patch(queue.get_workload(name), active=True))
     queue.wait_state(name, kq.WorkloadState.ADMITTED)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The operator against the real Kueue
+# ---------------------------------------------------------------------------------------------------------------
+
+# Head 1 CPU / 1Gi + one CPU worker 1 CPU / 1Gi: 2 CPU and 2Gi per job; the queue has room for one.
+SMALL = {
+    "workers": 1, "gpusPerWorker": 0, "cpusPerWorker": "1", "memoryPerWorker": "1Gi",
+    "head": {"cpu": "1", "memory": "1Gi"},
+}  # fmt: skip
+SMALL_QUOTA = {"cpu": "3", "memory": "3Gi"}
+
+
+@dataclasses.dataclass
+class Queued:
+    queue: Queue
+    jobs: Jobs
+    operator: OperatorHandle
+
+    def submit(
+        self, name: str, *, priority: str | None = None, label: bool = True, resources: dict[str, Any] = SMALL
+    ) -> None:
+        manifest = job_manifest(name, resources=resources)
+        labels = {kq.QUEUE_LABEL: self.queue.local_queue} if label else {}
+        if priority:
+            labels[kq.PRIORITY_CLASS_LABEL] = priority
+        manifest["metadata"]["labels"] = labels
+        self.jobs.create(manifest)
+
+    def workload(self, job: str) -> str:
+        uid = (self.jobs.get(job) or {})["metadata"]["uid"]
+        return kq.workload_name(names.JobIdentity(name=job, namespace=self.queue.namespace, uid=uid))
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.operator.settings.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
+def _grant_kueue_rbac(cluster: DevCluster, namespace: str) -> str:
+    """The Workload Role in the namespace and the cluster-scoped reads (a ClusterRole named for the namespace)."""
+    role = rbac.kueue_role(namespace)
+    reads = rbac.kueue_cluster_role(f"{rbac.KUEUE_ROLE}-{namespace}", namespaced=True)
+    docs = [role, rbac.binding(role=role, namespace=namespace), reads, rbac.binding(role=reads, namespace=namespace)]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    return str(reads["metadata"]["name"])
+
+
+@pytest.fixture
+def queued(cluster: DevCluster, kueue: Kueue, namespace: str) -> Iterator[Queued]:
+    with contextlib.ExitStack() as stack:
+        q = stack.enter_context(make_queue(cluster, namespace, quota=SMALL_QUOTA))
+        node = contextlib.contextmanager(add_simulated_node)(
+            cluster, cpu="16", memory="64Gi", labels={FLAVOR_LABEL: q.flavor},
+            taints=({"key": "finetune.dev/reserved", "value": "true", "effect": "NoSchedule"},),
+        )  # fmt: skip
+        stack.enter_context(node)
+        kubeconfig = grant_documented_rbac(cluster, namespace)
+        reads = _grant_kueue_rbac(cluster, namespace)
+        handle = start_operator(operator_settings(namespace, kubeconfig, kueue_enabled=True))
+        try:
+            yield Queued(queue=q, jobs=Jobs(cluster, namespace), operator=handle)
+        finally:
+            assert handle.stop_and_wait() == 0
+            cluster.kubectl("delete", "clusterrole,clusterrolebinding", reads, "--ignore-not-found")
+
+
+def _pod_sets(pods: dict[str, dict[str, Any]]) -> dict[str, str]:
+    return {n: p["metadata"]["labels"].get(kq.POD_SET_LABEL, "") for n, p in pods.items()}
+
+
+def test_operator_queues_the_second_job_until_the_first_succeeds(cluster: DevCluster, queued: Queued) -> None:
+    jobs, namespace = queued.jobs, queued.queue.namespace
+    queued.submit("first")
+    pods = jobs.wait_running_pods("first", 2, attempt=1)
+    running = jobs.wait_phase("first", "Running")
+    assert running["queue"]["admitted"] is True and running["queue"]["clusterQueue"] == queued.queue.cluster_queue
+    # The flavor's node label and toleration are on every pod (the node is tainted: without it, no scheduling).
+    for pod in pods.values():
+        assert pod["spec"]["nodeSelector"][FLAVOR_LABEL] == queued.queue.flavor
+        assert FLAVOR_TOLERATION in pod["spec"]["tolerations"]
+    assert sorted(_pod_sets(pods).values()) == ["head", "workers"]
+
+    queued.submit("second")
+    waiting = jobs.wait_phase("second", "Queued")
+    waiting = wait_for(
+        lambda: (s := jobs.status("second")).get("reason") == "Pending" and s,
+        timeout=WAIT, what="second job waits with Kueue's reason",
+    )  # fmt: skip
+    assert "insufficient unused quota" in waiting["message"], waiting["message"]
+    assert waiting["queue"] == {**waiting["queue"], "name": queued.queue.local_queue, "admitted": False}
+    assert not jobs.pods("second")
+    header, row = cluster.kubectl("get", "ftj", "-n", namespace, "second").stdout.splitlines()
+    assert "QUEUE" in header.split() and queued.queue.local_queue in row.split(), (header, row)
+
+    cluster.simulate_exit(namespace, "first-a1-head", exit_code=0)
+    jobs.wait_phase("first", "Succeeded")
+    queued.queue.wait_state(queued.workload("first"), kq.WorkloadState.FINISHED)  # written right after the status
+    jobs.wait_running_pods("second", 2, attempt=1)
+    started = jobs.wait_phase("second", "Running")
+    assert started["attempt"] == 1 and started["queue"]["admitted"] is True
+    assert "finetune_job_queued_seconds_count 2.0" in queued.metrics()
+
+
+def test_operator_preemption_suspends_the_job_and_readmission_resumes_it(queued: Queued, cluster: DevCluster) -> None:
+    jobs, namespace = queued.jobs, queued.queue.namespace
+    classes = _priority_classes(queued.queue, low=100, high=1000)
+    queued.submit("low", priority=classes["low"])
+    jobs.wait_running_pods("low", 2, attempt=1)
+    jobs.wait_phase("low", "Running")
+
+    queued.submit("high", priority=classes["high"])
+    preempted = jobs.wait_phase("low", "Queued")
+    assert preempted["reason"] == "Preempted" and "InClusterQueue" in preempted["message"], preempted["message"]
+    jobs.wait_no_pods("low")
+    jobs.wait_running_pods("high", 2, attempt=1)
+    assert jobs.status("low")["attempts"][-1]["reason"] == "Preempted"
+
+    cluster.simulate_exit(namespace, "high-a1-head", exit_code=0)
+    jobs.wait_phase("high", "Succeeded")
+    jobs.wait_running_pods("low", 2, attempt=2)
+    resumed = jobs.wait_phase("low", "Running")
+    assert resumed["attempt"] == 2 and resumed["failedAttempts"] == 0
+    assert ("Preempted" in {r for r, _ in jobs.events("low")}) and ("Resumed" in {r for r, _ in jobs.events("low")})
+    cluster.simulate_exit(namespace, "low-a2-head", exit_code=0)
+    jobs.wait_phase("low", "Succeeded")
+
+
+def test_operator_leaves_a_job_without_the_label_alone(queued: Queued) -> None:
+    jobs = queued.jobs
+    # Tolerates the flavor's taint (the only node here carries it); no queue label: Kueue never hears of it.
+    queued.submit("plain", label=False, resources={**SMALL, "tolerations": [FLAVOR_TOLERATION]})
+    jobs.wait_running_pods("plain", 2, attempt=1)
+    status = jobs.wait_phase("plain", "Running")
+    assert "queue" not in status
+    workloads = call_json(
+        queued.queue.custom.list_namespaced_custom_object, kq.GROUP, kq.VERSION, queued.queue.namespace,
+        kq.WORKLOAD_PLURAL,
+    )["items"]  # fmt: skip
+    assert workloads == []
+
+
+def test_operator_users_suspend_wins_and_frees_the_quota(queued: Queued, cluster: DevCluster) -> None:
+    jobs, namespace = queued.jobs, queued.queue.namespace
+    queued.submit("paused")
+    jobs.wait_running_pods("paused", 2, attempt=1)
+    jobs.wait_phase("paused", "Running")
+    workload = queued.workload("paused")
+
+    jobs.patch("paused", {"suspend": True})
+    jobs.wait_phase("paused", "Suspended")
+    jobs.wait_no_pods("paused")
+    assert queued.queue.get_workload(workload)["spec"]["active"] is False
+    # Kueue evicts the inactive Workload, the operator hands its quota back: another job is admitted meanwhile.
+    queued.submit("meanwhile")
+    jobs.wait_running_pods("meanwhile", 2, attempt=1)
+    assert jobs.status("paused")["phase"] == "Suspended"  # Kueue's eviction never overrides the user's suspend
+
+    jobs.patch("paused", {"suspend": False})
+    waiting = jobs.wait_phase("paused", "Queued")  # active again, but the quota is taken
+    assert waiting["queue"]["admitted"] is False
+    assert not jobs.pods("paused")
+    cluster.simulate_exit(namespace, "meanwhile-a1-head", exit_code=0)
+    jobs.wait_running_pods("paused", 2, attempt=2)
+    resumed = jobs.wait_phase("paused", "Running")
+    assert resumed["attempt"] == 2 and resumed["failedAttempts"] == 0

@@ -60,6 +60,7 @@ def test_printer_columns_and_names() -> None:
         "Progress",
         "Metric",
         "Workers",
+        "Queue",  # status.queue.name: empty for jobs not under Kueue
         "Age",
     ]
 

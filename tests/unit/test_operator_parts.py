@@ -181,6 +181,8 @@ def test_preflight(case: FlightCase) -> None:
 def test_deploy_rbac_matches_generator() -> None:
     committed = list(yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text(encoding="utf-8")))
     assert committed == rbac.manifests("finetune-system"), "deploy/rbac.yaml drifted: python -m finetune_operator.rbac"
+    kueue = list(yaml.safe_load_all((REPO / "deploy" / "rbac-kueue.yaml").read_text(encoding="utf-8")))
+    assert kueue == rbac.kueue_manifests("finetune-system"), "deploy/rbac-kueue.yaml drifted: make crds"
 
 
 def test_rbac_has_no_wildcards_and_no_secrets() -> None:

@@ -25,6 +25,11 @@ _GROUP_KINDS = {
     "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "Lease": ("coordination.k8s.io/v1", "leases"),
     names.KIND: (names.GROUP_VERSION, names.PLURAL),
+    # Kueue (labelled jobs, settings.kueue_enabled); ResourceFlavor and the priority classes are cluster-scoped.
+    "Workload": ("kueue.x-k8s.io/v1beta2", "workloads"),
+    "ResourceFlavor": ("kueue.x-k8s.io/v1beta2", "resourceflavors"),
+    "WorkloadPriorityClass": ("kueue.x-k8s.io/v1beta2", "workloadpriorityclasses"),
+    "PriorityClass": ("scheduling.k8s.io/v1", "priorityclasses"),
 }
 
 
@@ -156,6 +161,13 @@ class Kube:
             body=body,
             content_type="application/merge-patch+json",
         )
+
+    async def merge_patch(
+        self, kind: str, *, namespace: str, name: str, body: Mapping[str, Any], subresource: str | None = None
+    ) -> Body:
+        """JSON merge patch (of a subresource such as status); a resourceVersion in the body makes it conditional."""
+        path = f"{collection_path(kind, namespace)}/{name}" + (f"/{subresource}" if subresource else "")
+        return await self.request("PATCH", path, body=dict(body), content_type="application/merge-patch+json")
 
     async def replace(self, manifest: Mapping[str, Any]) -> Body:
         meta = manifest["metadata"]

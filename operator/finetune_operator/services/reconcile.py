@@ -20,11 +20,12 @@ from typing import Any
 from finetune_trainer import contract
 from finetune_trainer import spec as ftspec
 
-from finetune_operator import builders, names
+from finetune_operator import builders, names, reasons
+from finetune_operator import kueue as kq
 from finetune_operator import status as st
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.observe import Observed, PodView, owned_by, pod_view
-from finetune_operator.services import children
+from finetune_operator.services import children, queue
 from finetune_operator.services.kube import ApiError, Body, Kube
 from finetune_operator.services.progress import ProgressSource
 from finetune_operator.settings import Settings
@@ -124,6 +125,9 @@ async def observe(ctx: Context, job: Body, *, scrape: bool) -> tuple[Observed, f
     sample = await _sample(ctx, spec=spec, old=old, pods=pods, attempt=ident.attempt) if scrape else None
     terminal = old.phase is not None and old.phase.terminal
     tails = {} if terminal else await _log_tails(ctx, namespace=ident.namespace, pods=pods)
+    queued = (
+        await queue.observe(ctx.kube, labels=meta.get("labels"), ident=ident) if ctx.settings.kueue_enabled else None
+    )
     observed = Observed(
         ident=ident,
         generation=int(meta.get("generation") or 0),
@@ -138,6 +142,7 @@ async def observe(ctx: Context, job: Body, *, scrape: bool) -> tuple[Observed, f
         created=meta.get("creationTimestamp"),
         defaults=defaults,
         log_tails=tails,
+        queue=queued,
     )
     return observed, spec
 
@@ -187,6 +192,7 @@ def _record_metrics(ctx: Context, *, old: Status, new: Status, ident: names.JobI
         began, stepped = parse_time(created), parse_time(first_step)
         if began is not None and stepped is not None:
             m.time_to_first_step.observe(max(0.0, (stepped - began).total_seconds()))
+    _record_queued(ctx, old=old, new=new)
     if new.phase is old.phase or new.phase is None:
         return
     if new.phase is Phase.RUNNING and (new.attempt or 1) == 1:
@@ -199,6 +205,16 @@ def _record_metrics(ctx: Context, *, old: Status, new: Status, ident: names.JobI
             m.job_duration.labels(result=new.phase.value).observe(max(0.0, (end - start).total_seconds()))
         if new.phase is Phase.FAILED:
             m.failures.labels(reason=new.reason or "Unknown").inc()
+
+
+def _record_queued(ctx: Context, *, old: Status, new: Status) -> None:
+    """Time spent queued, observed when Kueue admits the job (first admission and every re-admission)."""
+    before, after = old.queue, new.queue
+    if after is None or not after.admitted or before is None or before.admitted:
+        return
+    since, admitted = parse_time(before.queued_since), parse_time(after.admitted_time)
+    if since is not None and admitted is not None:
+        ctx.metrics.queued.observe(max(0.0, (admitted - since).total_seconds()))
 
 
 async def _write_status(
@@ -238,26 +254,48 @@ async def apply_plan(
     await children.delete_pods(ctx.kube, namespace=ident.namespace, pods=actions.delete_pods)
     if actions.delete_cluster:
         await children.delete_owned(ctx.kube, ident=ident)
-    if spec is not None and actions.creates:
-        rendered = builders.build_children(spec, settings=ctx.settings, ident=ident)
-        problem = await children.create_children(
+    problem = None
+    if actions.workload is not None and observed.queue is not None:
+        problem = await queue.write(
             ctx.kube,
-            rendered,
-            uid=ident.uid,
-            support=actions.create_support,
-            head=actions.create_head,
-            workers=actions.create_workers,
+            actions=actions.workload,
+            queue=observed.queue,
+            spec=spec,
+            labels=meta.get("labels"),
+            settings=ctx.settings,
+            ident=ident,
         )
-        if problem is not None:
-            status, events = st.record_creation_problem(
-                plan.status, problem, now=ctx.clock(), generation=observed.generation
-            )
-            await _write_status(ctx, ident=ident, resource_version=version, old=plan.status, new=status)
-            for event in events:
-                await _event(ctx, job=job, event=event)
+    if spec is not None and actions.creates and problem is None:
+        problem = await _create_children(ctx, spec=spec, ident=ident, actions=actions)
+    if problem is not None:
+        status, events = st.record_creation_problem(
+            plan.status, problem, now=ctx.clock(), generation=observed.generation
+        )
+        await _write_status(ctx, ident=ident, resource_version=version, old=plan.status, new=status)
+        for event in events:
+            await _event(ctx, job=job, event=event)
     if actions.delete_job:
         await ctx.kube.delete(names.KIND, namespace=ident.namespace, name=ident.name, uid=ident.uid)
         ctx.forget(ident.namespace, ident.name)
+
+
+async def _create_children(
+    ctx: Context, *, spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity, actions: st.Actions
+) -> st.CreationProblem | None:
+    rendered = builders.build_children(spec, settings=ctx.settings, ident=ident)
+    if actions.workload is not None:
+        try:
+            rendered = kq.place_children(rendered, actions.workload.placements)
+        except kq.PlacementError as e:
+            return st.CreationProblem(reasons.FAILED_CREATE, "Pod", rendered.head["metadata"]["name"], str(e))
+    return await children.create_children(
+        ctx.kube,
+        rendered,
+        uid=ident.uid,
+        support=actions.create_support,
+        head=actions.create_head,
+        workers=actions.create_workers,
+    )
 
 
 async def reconcile(ctx: Context, *, namespace: str, name: str, scrape: bool) -> st.Plan | None:
