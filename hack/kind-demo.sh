@@ -157,8 +157,8 @@ setup() {
   hm upgrade --install "$RELEASE" charts/finetune-operator \
     --namespace "$OPERATOR_NS" --create-namespace --wait --timeout 5m \
     --set replicaCount="$REPLICAS" \
-    --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="${OPERATOR_IMAGE##*:}" \
-    --set defaults.trainerImage="$TRAINER_IMAGE" --set defaults.trainerImagePullPolicy=IfNotPresent \
+    --set-string image.repository="${OPERATOR_IMAGE%:*}" --set-string image.tag="${OPERATOR_IMAGE##*:}" \
+    --set-string defaults.trainerImage="$TRAINER_IMAGE" --set defaults.trainerImagePullPolicy=IfNotPresent \
     --set defaults.storage.endpoint=http://minio.minio.svc.cluster.local:9000 \
     --set defaults.storage.credentialsSecret=s3-creds \
     --set-json 'jobNetworkPolicy.metricsScrapers.namespaceLabels={"kubernetes.io/metadata.name":"monitoring"}' \
