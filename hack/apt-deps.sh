@@ -8,13 +8,14 @@
 #   iptables conntrack                 kube-proxy (iptables mode) inside each node's network namespace
 #   runc containernetworking-plugins   the node's OCI runtime and CNI plugins (bridge, host-local, loopback, portmap)
 #   buildah debootstrap                building images without a Docker daemon (devcluster/images.py)
+#   podman                             saving built images into the OCI layout containerd imports (devcluster/images.py)
 #   gcc libc6-dev                      the static sandbox ("pause") binary of the pause image
 #   prometheus                         the real Prometheus the metrics tests start (its own daemon is kept off)
 # containerd is not among them: the node runs containerd built from its Go module (hack/build-binaries.sh).
 set -euo pipefail
 
 PACKAGES=(iproute2 util-linux mount iptables conntrack runc containernetworking-plugins buildah debootstrap
-  gcc libc6-dev prometheus)
+  podman gcc libc6-dev prometheus)
 
 installed="$(dpkg-query -W -f='${Package} ${Status}\n' "${PACKAGES[@]}" 2>/dev/null || true)"
 missing=()

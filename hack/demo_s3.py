@@ -6,12 +6,17 @@ the steps live here once. Only boto3 is needed (a dev dependency).
 
     python hack/demo_s3.py upload --endpoint http://127.0.0.1:19000 --rows 2000
     python hack/demo_s3.py list --endpoint http://127.0.0.1:19000 --uri s3://models/sst2-quickstart/
+    python hack/demo_s3.py verify --endpoint http://127.0.0.1:19000 --uri s3://models/sst2-quickstart/
+
+`verify` lists the artifacts, then checks every file manifest.json names against its recorded size and sha256
+(exit 1 on any problem): what a user should do before trusting a model they download.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -80,9 +85,41 @@ def list_artifacts(s3: Any, uri: str) -> list[tuple[str, int]]:
     return out
 
 
+MANIFEST = "manifest.json"
+
+
+def verify_manifest(s3: Any, uri: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The manifest under an s3:// prefix and the problems found checking it (none: every listed file is there
+    with its size and sha256). No manifest is a problem: the output is incomplete (the manifest is written last)."""
+    bucket = uri.removeprefix("s3://").partition("/")[0]
+    keys = [key for key, _ in list_artifacts(s3, uri) if key.rsplit("/", 1)[-1] == MANIFEST]
+    if not keys:
+        return None, [f"{uri} has no {MANIFEST}: the output is incomplete"]
+    key = min(keys, key=lambda k: k.count("/"))  # the prefix's own manifest, not one inside a nested run
+    base = key.removesuffix(MANIFEST)
+    manifest: dict[str, Any] = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    problems = []
+    for item in manifest.get("files", []):
+        digest = hashlib.sha256()
+        try:
+            body = s3.get_object(Bucket=bucket, Key=base + item["path"])["Body"]
+        except s3.exceptions.NoSuchKey:
+            problems.append(f"{item['path']}: listed in the manifest but missing")
+            continue
+        size = 0
+        for chunk in body.iter_chunks(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        if size != item["size"]:
+            problems.append(f"{item['path']}: {size} bytes, the manifest says {item['size']}")
+        elif digest.hexdigest() != item["sha256"]:
+            problems.append(f"{item['path']}: sha256 differs from the manifest")
+    return manifest, problems
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["upload", "list"])
+    parser.add_argument("command", choices=["upload", "list", "verify"])
     parser.add_argument("--endpoint", required=True, help="S3 endpoint, e.g. http://127.0.0.1:19000")
     parser.add_argument("--access-key", default=os.environ.get("AWS_ACCESS_KEY_ID", DEMO_ACCESS_KEY))
     parser.add_argument("--secret-key", default=os.environ.get("AWS_SECRET_ACCESS_KEY", DEMO_SECRET_KEY))
@@ -101,11 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for key, size in items:
         print(f"{size:>12,d}  s3://{args.uri.removeprefix('s3://').partition('/')[0]}/{key}")
-    manifest = [key for key, _ in items if key.endswith("/manifest.json")]
-    if manifest:
-        bucket = args.uri.removeprefix("s3://").partition("/")[0]
-        body = s3.get_object(Bucket=bucket, Key=manifest[-1])["Body"].read()
-        print(json.dumps(json.loads(body), indent=2))
+    manifest, problems = verify_manifest(s3, args.uri)
+    if manifest is not None:
+        print(json.dumps(manifest, indent=2))
+    if args.command == "list":
+        return 0
+    for problem in problems:
+        print(f"verify: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"verified: {len(manifest['files']) if manifest else 0} files match the manifest's sizes and sha256")
     return 0
 
 
