@@ -21,10 +21,10 @@ from finetune_operator.settings import Settings
 from finetune_trainer import spec as ftspec
 from kubernetes import client as k8s
 
+from devcluster import DevCluster
 from devcluster.kube import call_json
 from devcluster.kueue import Kueue
 from devcluster.testing import wait_crd_established, wait_for
-from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import CRD
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kueue]

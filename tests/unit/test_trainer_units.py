@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 from finetune_trainer import artifacts, storage
-from finetune_trainer.contract import Metric, TrainerPhase
+from finetune_trainer.cli import success_report
+from finetune_trainer.contract import SUCCEEDED, Metric, TrainerPhase, parse_report
+from finetune_trainer.driver import RunResult
 from finetune_trainer.errors import InvalidDatasetError, ModelNotFoundError, TrainingError, classify_failure
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.placement import fit_placement
@@ -122,10 +124,6 @@ REPORT_CASES = [
 @pytest.mark.parametrize("case", REPORT_CASES, ids=lambda c: c.name)
 def test_the_success_report_carries_the_step_the_run_resumed_from(case: ReportCase) -> None:
     # What the operator records durably in status.attempts[].resumedFromStep comes from this line, not a scrape.
-    from finetune_trainer.cli import success_report
-    from finetune_trainer.contract import SUCCEEDED, parse_report
-    from finetune_trainer.driver import RunResult
-
     result = RunResult(output_uri="s3://out/job/", summary=dict(case.summary), manifest={"files": [{}, {}]})
     back = parse_report(success_report(result).to_line())
     assert back is not None and back.reason == SUCCEEDED
