@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import secrets
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,16 @@ class OperatorHandle:
     thread: threading.Thread
     stop: threading.Event
     result: list[int]
+
+    def reconciles(self) -> float:
+        """How many reconciles this operator has finished (its own metrics endpoint; 0 while it is unreachable)."""
+        url = f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+        try:
+            text = urllib.request.urlopen(url, timeout=2).read().decode()
+        except OSError:
+            return 0.0
+        match = re.search(r"^finetune_reconcile_duration_seconds_count (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
 
     def stop_and_wait(self, timeout: float = 30) -> int | None:
         self.stop.set()

@@ -209,7 +209,8 @@ def test_terminal_job_is_final_across_operator_restarts(
     assert first.stop_and_wait() == 0
     second = start_operator(operator_settings(namespace, kubeconfig))
     try:
-        time.sleep(4)  # several resyncs of the restarted operator
+        # Its start-up reconcile of the finished job and a few resyncs (a count, not a guess at how long they take).
+        wait_for(lambda: second.reconciles() >= 4, timeout=60, what="the restarted operator's reconciles")
         assert not jobs.pods("final") and jobs.status("final")["phase"] == "Succeeded"
     finally:
         assert second.stop_and_wait() == 0
@@ -237,10 +238,9 @@ def test_only_the_lease_holder_acts_and_a_standby_takes_over(
         readyz = f"http://127.0.0.1:{standby.settings.health_port}/readyz"
         # A standby is ready: it is healthy and will take over (readiness must not block rolling updates).
         wait_for(lambda: _http_ok(readyz), timeout=20, what="standby /readyz")
-        time.sleep(2)
-        assert standby.thread.is_alive()
         jobs.create(job_manifest("early"))
         jobs.wait_phase("early", "Running", timeout=30)
+        assert standby.thread.is_alive()  # it waited all along, neither acting nor exiting
         assert jobs.reporters("early") == {"leader"}  # the standby did not act
         assert leader.stop_and_wait() == 0  # graceful: releases the lease at once
         jobs.create(job_manifest("handover"))

@@ -8,9 +8,7 @@ the API server accepts, refuses and keeps.
 from __future__ import annotations
 
 import json
-import re
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -94,16 +92,6 @@ def test_a_4131_character_failure_ends_failed_with_a_clipped_message_and_kubectl
     jobs.wait_no_pods("labels")
 
 
-def _reconciles(handle: OperatorHandle) -> float:
-    url = f"http://127.0.0.1:{handle.settings.metrics_port}/metrics"
-    try:
-        text = urllib.request.urlopen(url, timeout=2).read().decode()
-    except OSError:
-        return 0.0
-    match = re.search(r"^finetune_reconcile_duration_seconds_count (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
 def test_an_operator_stopped_longer_than_the_progress_deadline_restarts_and_the_job_succeeds(
     cluster: DevCluster, namespace: str, sim_node: str, jobs: Jobs
 ) -> None:
@@ -123,7 +111,7 @@ def test_an_operator_stopped_longer_than_the_progress_deadline_restarts_and_the_
     restarted = operator_settings(namespace, kubeconfig, metrics_source="http", trainer_metrics_timeout_seconds=1.0)
     second = start_operator(restarted)
     try:
-        wait_for(lambda: _reconciles(second) >= 5, timeout=60, what="the start-up reconcile and a few resyncs")
+        wait_for(lambda: second.reconciles() >= 5, timeout=60, what="the start-up reconcile and a few resyncs")
         assert jobs.status("steady")["phase"] == "Running", jobs.status("steady")
         cluster.end_pod(namespace, "steady-a1-head", exit_code=0)
         done = jobs.wait_phase("steady", "Succeeded")
