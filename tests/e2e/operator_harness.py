@@ -3,8 +3,9 @@
 Why in-process (a thread with its own event loop) rather than a subprocess: start-up is ~1 s instead of ~3 s and a
 failing test shows the operator's log in the same report. The operator is the same `run_operator` that
 `finetune operator` runs; it only talks to the API server through the minted ServiceAccount kubeconfig, so any
-missing permission fails these tests. Jobs are pinned to a *simulated* node (no processes, pods Running at once,
-`simulate_exit` ends them), and only there is the progress source the simulated one.
+missing permission fails these tests. Jobs are pinned to a *simulated* node -- a kwok node: nothing runs, kwok
+reports the pods Running and `cluster.end_pod` ends them with an exit code and termination message as a kubelet
+would -- and only there is the progress source the simulated one.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import secrets
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +29,10 @@ from finetune_operator.app import run_operator
 from finetune_operator.settings import Settings
 from kubernetes import client as k8s
 
+from devcluster import DevCluster
 from devcluster.controlplane import free_port
 from devcluster.kube import call_json
 from devcluster.testing import wait_for
-from tests.devcluster.cluster import ProcessCluster as DevCluster
-from tests.devcluster.node import NodeSpec
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "finetune.dev_finetunejobs.yaml"
 SIM_LABEL = "finetune.dev/test-simulated"
@@ -42,6 +44,16 @@ class OperatorHandle:
     thread: threading.Thread
     stop: threading.Event
     result: list[int]
+
+    def reconciles(self) -> float:
+        """How many reconciles this operator has finished (its own metrics endpoint; 0 while it is unreachable)."""
+        url = f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+        try:
+            text = urllib.request.urlopen(url, timeout=2).read().decode()
+        except OSError:
+            return 0.0
+        match = re.search(r"^finetune_reconcile_duration_seconds_count (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
 
     def stop_and_wait(self, timeout: float = 30) -> int | None:
         self.stop.set()
@@ -77,27 +89,11 @@ def add_simulated_node(
     labels: dict[str, str] | None = None,
     taints: tuple[dict[str, str], ...] = (),
 ) -> Iterator[str]:
+    """A kwok node labelled SIM_LABEL (jobs select it); removed afterwards."""
     name = f"sim-{secrets.token_hex(3)}"
-    cluster.add_node(
-        NodeSpec(
-            name=name,
-            cpu=cpu,
-            memory=memory,
-            pods=pods,
-            labels={SIM_LABEL: "true", **(labels or {})},
-            taints=taints,
-            simulate=True,
-        )
+    cluster.add_kwok_node(
+        name, cpu=cpu, memory=memory, pods=pods, labels={SIM_LABEL: "true", **(labels or {})}, taints=taints
     )
-
-    def ready() -> bool:
-        with cluster.api() as api:
-            node = call_json(k8s.CoreV1Api(api).read_node, name)
-        return any(
-            c.get("type") == "Ready" and c.get("status") == "True" for c in node.get("status", {}).get("conditions", [])
-        )
-
-    wait_for(ready, timeout=30, what=f"simulated node {name} Ready")
     try:
         yield name
     finally:

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from finetune_trainer import contract
 
+from devcluster import DevCluster
 from devcluster.controlplane import free_port
-from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import Jobs, add_simulated_node, grant_documented_rbac, install_crd, job_manifest
 
-pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.kwok, pytest.mark.slow]
 
 JOBS = 20
 FAILING = {f"chaos-{i}" for i in range(0, JOBS, 5)}  # these end Failed (backoffLimit 0)
@@ -94,9 +94,9 @@ def test_operator_killed_at_random_moments(cluster: DevCluster, namespace: str, 
                 if phase == "Running" and pod and pod["status"].get("phase") == "Running":
                     if name in FAILING:
                         line = contract.failure_line(contract.Reason.TRAINING_ERROR, "chaos")
-                        cluster.simulate_exit(namespace, head, exit_code=6, message=line)
+                        cluster.end_pod(namespace, head, exit_code=6, message=line)
                     else:
-                        cluster.simulate_exit(namespace, head, exit_code=0)
+                        cluster.end_pod(namespace, head, exit_code=0)
             time.sleep(0.5)
         assert kills >= 2
         for name in names:

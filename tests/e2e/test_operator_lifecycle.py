@@ -1,6 +1,6 @@
-"""The operator's lifecycle on the real control plane + simulated process node, under its documented RBAC.
+"""The operator's lifecycle on the real control plane + a kwok node, under its documented RBAC.
 
-Simulated node: pods are reported Running without processes and end when the test asks (simulate_exit), so these
+Simulated node: kwok reports pods Running without processes and they end when the test asks (`end_pod`), so these
 tests exercise every decision (phases, retries, suspend/resume, deadlines, TTL, cleanup) in seconds. Real Ray and
 the real trainer are exercised by the real-Ray e2e.
 """
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 from finetune_trainer import contract
 
+from devcluster import DevCluster
 from devcluster.testing import wait_for
-from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import (
     Jobs,
     OperatorHandle,
@@ -28,7 +28,7 @@ from tests.e2e.operator_harness import (
     start_operator,
 )
 
-pytestmark = [pytest.mark.cluster, pytest.mark.node]
+pytestmark = [pytest.mark.cluster, pytest.mark.kwok]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_job_goes_pending_to_succeeded_and_cleans_up(
         what="progress in status",
     )
     assert progressed["progress"]["totalSteps"] == 1000 and "(" in progressed["progress"]["summary"]
-    cluster.simulate_exit(namespace, "ok-a1-head", exit_code=0)
+    cluster.end_pod(namespace, "ok-a1-head", exit_code=0)
     done = jobs.wait_phase("ok", "Succeeded")
     assert done["artifacts"]["model"] == f"s3://models/{namespace}/ok/model/"
     assert done["completionTime"] and done["reason"] == "Succeeded"
@@ -88,12 +88,12 @@ def test_head_failure_retries_then_fails_with_the_trainer_reason(
     jobs.create(job_manifest("retry", backoffLimit=1))
     jobs.wait_running_pods("retry", 3, attempt=1)
     line = contract.failure_line(contract.Reason.TRAINING_ERROR, "loss is NaN at step 7")
-    cluster.simulate_exit(namespace, "retry-a1-head", exit_code=int(contract.ExitCode.TRAINING_ERROR), message=line)
+    cluster.end_pod(namespace, "retry-a1-head", exit_code=int(contract.ExitCode.TRAINING_ERROR), message=line)
     jobs.wait_running_pods("retry", 3, attempt=2)
     status = jobs.status("retry")
     assert status["attempt"] == 2 and status["failedAttempts"] == 1
     wait_for(lambda: not any("-a1-" in n for n in jobs.pods("retry")), timeout=20, what="attempt 1 pods deleted")
-    cluster.simulate_exit(namespace, "retry-a2-head", exit_code=int(contract.ExitCode.TRAINING_ERROR), message=line)
+    cluster.end_pod(namespace, "retry-a2-head", exit_code=int(contract.ExitCode.TRAINING_ERROR), message=line)
     failed = jobs.wait_phase("retry", "Failed")
     assert failed["reason"] == "TrainingError"
     assert "loss is NaN at step 7" in failed["message"] and "backoffLimit 1 reached" in failed["message"]
@@ -183,7 +183,7 @@ def test_lost_worker_is_recreated_and_the_job_still_succeeds(
         what="worker re-created",
     )
     assert jobs.status("heal")["attempt"] == 1
-    cluster.simulate_exit(namespace, "heal-a1-head", exit_code=0)
+    cluster.end_pod(namespace, "heal-a1-head", exit_code=0)
     jobs.wait_phase("heal", "Succeeded")
 
 
@@ -192,7 +192,7 @@ def test_ttl_deletes_the_finished_job(
 ) -> None:
     jobs.create(job_manifest("short", ttlSecondsAfterFinished=1))
     jobs.wait_running_pods("short", 3, attempt=1)
-    cluster.simulate_exit(namespace, "short-a1-head", exit_code=0)
+    cluster.end_pod(namespace, "short-a1-head", exit_code=0)
     wait_for(lambda: jobs.get("short") is None, timeout=30, what="job deleted by TTL")
 
 
@@ -203,13 +203,14 @@ def test_terminal_job_is_final_across_operator_restarts(
     first = start_operator(operator_settings(namespace, kubeconfig))
     jobs.create(job_manifest("final"))
     jobs.wait_running_pods("final", 3, attempt=1)
-    cluster.simulate_exit(namespace, "final-a1-head", exit_code=0)
+    cluster.end_pod(namespace, "final-a1-head", exit_code=0)
     jobs.wait_phase("final", "Succeeded")
     jobs.wait_no_pods("final")
     assert first.stop_and_wait() == 0
     second = start_operator(operator_settings(namespace, kubeconfig))
     try:
-        time.sleep(4)  # several resyncs of the restarted operator
+        # Its start-up reconcile of the finished job and a few resyncs (a count, not a guess at how long they take).
+        wait_for(lambda: second.reconciles() >= 4, timeout=60, what="the restarted operator's reconciles")
         assert not jobs.pods("final") and jobs.status("final")["phase"] == "Succeeded"
     finally:
         assert second.stop_and_wait() == 0
@@ -237,10 +238,9 @@ def test_only_the_lease_holder_acts_and_a_standby_takes_over(
         readyz = f"http://127.0.0.1:{standby.settings.health_port}/readyz"
         # A standby is ready: it is healthy and will take over (readiness must not block rolling updates).
         wait_for(lambda: _http_ok(readyz), timeout=20, what="standby /readyz")
-        time.sleep(2)
-        assert standby.thread.is_alive()
         jobs.create(job_manifest("early"))
         jobs.wait_phase("early", "Running", timeout=30)
+        assert standby.thread.is_alive()  # it waited all along, neither acting nor exiting
         assert jobs.reporters("early") == {"leader"}  # the standby did not act
         assert leader.stop_and_wait() == 0  # graceful: releases the lease at once
         jobs.create(job_manifest("handover"))

@@ -1,22 +1,20 @@
 """Issue 10 on the real control plane: the status stays true, children are really ours, defaults are pinned.
 
-The operator runs in-process under its documented RBAC; jobs run on a simulated node (pods Running at once,
-`simulate_exit` ends them), so each case costs seconds. What is checked is I/O the pure tests cannot see: what
+The operator runs in-process under its documented RBAC; jobs run on a kwok node (pods Running at once,
+`end_pod` ends them), so each case costs seconds. What is checked is I/O the pure tests cannot see: what
 the API server accepts, refuses and keeps.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from devcluster import DevCluster
 from devcluster.testing import wait_for
-from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import (
     Jobs,
     OperatorHandle,
@@ -28,7 +26,7 @@ from tests.e2e.operator_harness import (
     start_operator,
 )
 
-pytestmark = [pytest.mark.cluster, pytest.mark.node]
+pytestmark = [pytest.mark.cluster, pytest.mark.kwok]
 
 LABELS_400 = "labels in the validation set not seen in training: " + ", ".join(f"'label-{i:03d}'" for i in range(400))
 
@@ -84,7 +82,7 @@ def test_a_4131_character_failure_ends_failed_with_a_clipped_message_and_kubectl
     assert len(message) == 4131
     # The line an older trainer wrote (no size limit of its own): the operator must clip what it puts in status.
     line = json.dumps({"reason": "TrainingError", "message": message})
-    cluster.simulate_exit(namespace, "labels-a1-head", exit_code=6, message=line)
+    cluster.end_pod(namespace, "labels-a1-head", exit_code=6, message=line)
     cluster.kubectl("wait", "-n", namespace, "--for=condition=Failed", "--timeout=60s", "ftj/labels")
     status = jobs.status("labels")
     assert status["phase"] == "Failed" and status["reason"] == "TrainingError"
@@ -92,16 +90,6 @@ def test_a_4131_character_failure_ends_failed_with_a_clipped_message_and_kubectl
     assert status["message"].endswith("(attempt 1; backoffLimit 0 reached)")
     assert status["lastFailure"]["reason"] == "TrainingError" and status["lastFailure"]["exitCode"] == 6
     jobs.wait_no_pods("labels")
-
-
-def _reconciles(handle: OperatorHandle) -> float:
-    url = f"http://127.0.0.1:{handle.settings.metrics_port}/metrics"
-    try:
-        text = urllib.request.urlopen(url, timeout=2).read().decode()
-    except OSError:
-        return 0.0
-    match = re.search(r"^finetune_reconcile_duration_seconds_count (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_an_operator_stopped_longer_than_the_progress_deadline_restarts_and_the_job_succeeds(
@@ -123,9 +111,9 @@ def test_an_operator_stopped_longer_than_the_progress_deadline_restarts_and_the_
     restarted = operator_settings(namespace, kubeconfig, metrics_source="http", trainer_metrics_timeout_seconds=1.0)
     second = start_operator(restarted)
     try:
-        wait_for(lambda: _reconciles(second) >= 5, timeout=60, what="the start-up reconcile and a few resyncs")
+        wait_for(lambda: second.reconciles() >= 5, timeout=60, what="the start-up reconcile and a few resyncs")
         assert jobs.status("steady")["phase"] == "Running", jobs.status("steady")
-        cluster.simulate_exit(namespace, "steady-a1-head", exit_code=0)
+        cluster.end_pod(namespace, "steady-a1-head", exit_code=0)
         done = jobs.wait_phase("steady", "Succeeded")
         assert "NoProgress" not in {r for r, _ in jobs.events("steady")}, done
     finally:
@@ -177,7 +165,7 @@ def test_a_115_character_job_name_runs_to_succeeded(
     running = jobs.wait_phase(name, "Running", timeout=60)
     head = running["cluster"]["headPod"]
     assert len(head) <= 63 and head.startswith("sst2-minilm-lr2e-5")
-    cluster.simulate_exit(namespace, head, exit_code=0)
+    cluster.end_pod(namespace, head, exit_code=0)
     done = jobs.wait_phase(name, "Succeeded")
     assert done["artifacts"]["model"] == f"s3://models/{namespace}/{name}/model/"
     jobs.wait_no_pods(name)
@@ -207,7 +195,7 @@ def test_changed_operator_defaults_do_not_change_a_started_job(
         status = jobs.status("pinned")
         assert status["phase"] == "Running", status
         assert status["operatorDefaults"] == {"outputBaseUri": "s3://models/", "trainerImage": "trainer:first"}
-        cluster.simulate_exit(namespace, "pinned-a1-head", exit_code=0)
+        cluster.end_pod(namespace, "pinned-a1-head", exit_code=0)
         done = jobs.wait_phase("pinned", "Succeeded")
         assert done["artifacts"]["model"] == f"s3://models/{namespace}/pinned/model/"
     finally:

@@ -1,7 +1,7 @@
 """The chart's ValidatingAdmissionPolicy against the real API server, applied by a namespace user with kubectl.
 
 Why against the API server: the policy is CEL evaluated by kube-apiserver's ValidatingAdmissionPolicy plugin
-(on by default since Kubernetes 1.30; tests/devcluster/controlplane.py neither disables admission plugins nor
+(on by default since Kubernetes 1.30; devcluster/controlplane.py neither disables admission plugins nor
 API groups, and the denials below prove it is active). Only the API server type-checks the expressions against
 the CRD's schema, evaluates optionals, decides which request a rule sees and words the denial.
 
@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from devcluster import DevCluster
 from devcluster.testing import wait_for
-from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import install_crd
 from tests.fixtures.helm import by_kind, render
 

@@ -7,7 +7,7 @@ The ClusterQueue has quota for exactly one job. These tests pin down the contrac
 
 The second half runs the real operator (in-process, under its documented RBAC with the Kueue rules, integration
 on) against the same Kueue: jobs wait Queued, start where the flavor says, are preempted and resume. Pods run on a
-simulated process-node node (Running at once, `simulate_exit` ends them), labelled and tainted like the flavor.
+kwok node (kwok reports pods Running, `end_pod` ends them), labelled and tainted like the flavor.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from finetune_operator.settings import Settings
 from finetune_trainer import spec as ftspec
 from kubernetes import client as k8s
 
+from devcluster import DevCluster
 from devcluster.kube import call_json
 from devcluster.kueue import Kueue
 from devcluster.testing import wait_crd_established, wait_for
-from tests.devcluster.cluster import ProcessCluster as DevCluster
 from tests.e2e.operator_harness import (
     CRD,
     Jobs,
@@ -436,7 +436,7 @@ def test_operator_queues_the_second_job_until_the_first_succeeds(cluster: DevClu
     header, row = cluster.kubectl("get", "ftj", "-n", namespace, "second").stdout.splitlines()
     assert "QUEUE" in header.split() and queued.queue.local_queue in row.split(), (header, row)
 
-    cluster.simulate_exit(namespace, "first-a1-head", exit_code=0)
+    cluster.end_pod(namespace, "first-a1-head", exit_code=0)
     jobs.wait_phase("first", "Succeeded")
     queued.queue.wait_state(queued.workload("first"), kq.WorkloadState.FINISHED)  # written right after the status
     jobs.wait_running_pods("second", 2, attempt=1)
@@ -459,13 +459,13 @@ def test_operator_preemption_suspends_the_job_and_readmission_resumes_it(queued:
     jobs.wait_running_pods("high", 2, attempt=1)
     assert jobs.status("low")["attempts"][-1]["reason"] == "Preempted"
 
-    cluster.simulate_exit(namespace, "high-a1-head", exit_code=0)
+    cluster.end_pod(namespace, "high-a1-head", exit_code=0)
     jobs.wait_phase("high", "Succeeded")
     jobs.wait_running_pods("low", 2, attempt=2)
     resumed = jobs.wait_phase("low", "Running")
     assert resumed["attempt"] == 2 and resumed["failedAttempts"] == 0
     assert ("Preempted" in {r for r, _ in jobs.events("low")}) and ("Resumed" in {r for r, _ in jobs.events("low")})
-    cluster.simulate_exit(namespace, "low-a2-head", exit_code=0)
+    cluster.end_pod(namespace, "low-a2-head", exit_code=0)
     jobs.wait_phase("low", "Succeeded")
 
 
@@ -503,7 +503,7 @@ def test_operator_users_suspend_wins_and_frees_the_quota(queued: Queued, cluster
     waiting = jobs.wait_phase("paused", "Queued")  # active again, but the quota is taken
     assert waiting["queue"]["admitted"] is False
     assert not jobs.pods("paused")
-    cluster.simulate_exit(namespace, "meanwhile-a1-head", exit_code=0)
+    cluster.end_pod(namespace, "meanwhile-a1-head", exit_code=0)
     jobs.wait_running_pods("paused", 2, attempt=2)
     resumed = jobs.wait_phase("paused", "Running")
     assert resumed["attempt"] == 2 and resumed["failedAttempts"] == 0

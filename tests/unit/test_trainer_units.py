@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 from finetune_trainer import artifacts, storage
-from finetune_trainer.contract import Metric, TrainerPhase
+from finetune_trainer.cli import success_report
+from finetune_trainer.contract import SUCCEEDED, Metric, TrainerPhase, parse_report
+from finetune_trainer.driver import RunResult
 from finetune_trainer.errors import InvalidDatasetError, ModelNotFoundError, TrainingError, classify_failure
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.placement import fit_placement
@@ -102,3 +104,28 @@ def test_manifest_lists_every_file_and_a_reader_rejects_prefixes_without_it(tmp_
     assert artifacts.verify(loc) == []
     (out / "stray.txt").write_text("late")
     assert artifacts.verify(loc) == ["stray.txt: not in the manifest"]
+
+
+@dataclass(frozen=True)
+class ReportCase:
+    name: str
+    summary: dict[str, object]
+    resumed: int | None
+
+
+REPORT_CASES = [
+    ReportCase("fresh start", {"resumedFromStep": 0, "outcome": {"keptStep": 20}}, 0),
+    ReportCase("workers restarted within the attempt", {"resumedFromStep": 40, "outcome": {"keptStep": 100}}, 40),
+    ReportCase("older summary without the field", {"outcome": {}}, None),
+    ReportCase("not a step", {"resumedFromStep": True, "outcome": {}}, None),
+]
+
+
+@pytest.mark.parametrize("case", REPORT_CASES, ids=lambda c: c.name)
+def test_the_success_report_carries_the_step_the_run_resumed_from(case: ReportCase) -> None:
+    # What the operator records durably in status.attempts[].resumedFromStep comes from this line, not a scrape.
+    result = RunResult(output_uri="s3://out/job/", summary=dict(case.summary), manifest={"files": [{}, {}]})
+    back = parse_report(success_report(result).to_line())
+    assert back is not None and back.reason == SUCCEEDED
+    assert back.resumed_from_step == case.resumed
+    assert "2 files under s3://out/job/" in back.message

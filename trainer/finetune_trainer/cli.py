@@ -77,13 +77,23 @@ def _fail(error: TrainerError, driver_log: DriverLog | None) -> int:
 
 
 def _succeed(result: RunResult, driver_log: DriverLog | None) -> int:
+    return _finish(success_report(result), ExitCode.SUCCEEDED, driver_log)
+
+
+def success_report(result: RunResult) -> TrainerReport:
+    """The report of a finished run: the kept model's outcome and the step the run resumed from.
+
+    The resume step travels in the report because the terminated pod's message is durable: the operator records
+    it in status.attempts[].resumedFromStep even when no scrape saw the trainer after Ray Train restarted workers.
+    """
     files = len(result.manifest.get("files", []))
-    report = TrainerReport(
+    resumed = result.summary.get("resumedFromStep")
+    return TrainerReport(
         reason=SUCCEEDED,
         message=f"{MANIFEST} written: {files} files under {result.output_uri}",
+        resumed_from_step=resumed if isinstance(resumed, int) and not isinstance(resumed, bool) else None,
         **_outcome_fields(result.outcome),
     )
-    return _finish(report, ExitCode.SUCCEEDED, driver_log)
 
 
 def _outcome_fields(outcome: dict[str, Any]) -> dict[str, Any]:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 from kubernetes import client as k8s
 
+from devcluster import network
+from devcluster.binaries import REPO_ROOT, locate
 from devcluster.kube import call_json
 from devcluster.testing import container_state, get_pod, pod_manifest, wait_for, wait_phase
 from tests.devcluster.cluster import ProcessCluster as DevCluster
@@ -402,3 +408,41 @@ def test_pods_reach_the_api_server_with_their_service_account(cluster: DevCluste
     # Verified TLS to the real API server (service-account ca.crt), authenticated as the pod's SA: not admin.
     server = json.loads(cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
     assert logs.split() == [server, "403"]
+
+
+def test_down_leaves_no_process_behind(tmp_path: Path) -> None:
+    """`python -m tests.devcluster up` then `down` (separate processes): nothing of that cluster survives."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    state = tmp_path / "c"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    cli = [sys.executable, "-m", "tests.devcluster"]
+    subprocess.run(
+        [*cli, "up", "--state-dir", str(state)], check=True, cwd=REPO_ROOT, env=env, timeout=180, capture_output=True
+    )
+    info = json.loads((state / "cluster.json").read_text())
+    net = network.NetConfig(int(info["net_index"]))
+    kubectl = [str(locate().kubectl), f"--kubeconfig={info['kubeconfig']}"]
+    subprocess.run(
+        [*kubectl, "run", "sleeper", "--image=x", "--restart=Never", "--command", "--", "sleep", "600"],
+        check=True,
+        capture_output=True,
+    )
+    pidfiles = state / "node" / "pids"
+    wait_for(lambda: list(pidfiles.glob("*-sleeper.pid")), timeout=30, what="pod process started")
+    pod_pids = [json.loads(p.read_text())["pid"] for p in pidfiles.glob("*.pid")]
+    assert pod_pids and all(psutil.pid_exists(p) for p in pod_pids)
+    assert any(ns.startswith(net.netns_prefix) for ns in network.ip("netns", "list").stdout.split())
+
+    subprocess.run(
+        [*cli, "down", "--state-dir", str(state)], check=True, cwd=REPO_ROOT, env=env, timeout=120, capture_output=True
+    )
+
+    leftovers = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["status"] != psutil.STATUS_ZOMBIE and (str(state) in cmd or p.info["pid"] in pod_pids):
+            leftovers.append(f"{p.info['pid']}: {cmd[:120]}")
+    assert leftovers == []
+    assert not [ns for ns in network.ip("netns", "list").stdout.split() if ns.startswith(net.netns_prefix)]
+    assert not network.bridge_exists(net.bridge)
