@@ -104,7 +104,7 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    start_local_ray(num_cpus=os.cpu_count() or 1, log_to_driver=False)  # as `finetune run`: workers at our priority
+    start_local_ray(num_cpus=os.cpu_count() or 1, log_to_driver=False, attempts=10)  # as `finetune run` starts Ray
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
         random_dir = random_init_model(Path(tmp) / "random-minilm")
