@@ -33,6 +33,7 @@ from finetune_trainer import sources
 from finetune_trainer.data import prepare
 from finetune_trainer.driver import RunOptions, run_training
 from finetune_trainer.features import encode, make_collate
+from finetune_trainer.local import start_local_ray
 from finetune_trainer.spec import FineTuneJobSpec, parse_spec
 from transformers import (
     AutoModelForSequenceClassification,
@@ -79,8 +80,14 @@ class StepTimer(TrainerCallback):
         self.seconds += time.monotonic() - self.started
 
 
-def hf_trainer(samples: int, threads: int) -> dict[str, float]:
+def hf_trainer(samples: int, threads: int) -> dict[str, Any]:
     """The same data pipeline (our tokenisation and padding) through transformers.Trainer, in this process."""
+    with CpuSampler():  # sampling costs this process the same on both sides
+        result = _hf_train(samples, threads)
+    return {**result, "nice": os.nice(0), "torch_threads": torch.get_num_threads()}
+
+
+def _hf_train(samples: int, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     spec = spec_for(samples)
     data = prepare(spec)
@@ -97,7 +104,9 @@ def hf_trainer(samples: int, threads: int) -> dict[str, float]:
         )  # fmt: skip
         collate = make_collate(tok.pad_token_id, task=spec.task)
         trainer = Trainer(model=model, args=args, train_dataset=feats, data_collator=collate, callbacks=[timer])
+        cpu_before = time.process_time()
         out = trainer.train()
+        cpu = time.process_time() - cpu_before
     loop = float(out.metrics["train_runtime"])
     steps = int(out.global_step)
     return {
@@ -106,17 +115,28 @@ def hf_trainer(samples: int, threads: int) -> dict[str, float]:
         "step_seconds": timer.seconds,
         "steps": steps,
         "step_samples_per_second": samples / timer.seconds if timer.seconds else 0.0,
+        "cpu_seconds_training_process": cpu,
     }
 
 
 class CpuSampler:
     """CPU seconds of this process and every process it started (Ray's GCS, raylet, agents, the Train controller
-    and its helper actors, the training worker), sampled twice a second with their names."""
+    and its helper actors, the training worker), sampled twice a second with their names, niceness and OS thread
+    counts. It runs during both sides' training so that its own cost (in this process) falls on both alike."""
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self.procs: dict[str, dict[str, int]] = {}  # process name -> {"nice", "os_threads"} (last seen)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
 
     def _run(self) -> None:
         me = psutil.Process()
@@ -125,7 +145,9 @@ class CpuSampler:
             for proc in [me, *me.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
                     times = proc.cpu_times()
-                    seen[proc.pid] = (" ".join(proc.cmdline()[:1]) or proc.name(), times.user + times.system)
+                    name = " ".join(proc.cmdline()[:1]) or proc.name()
+                    seen[proc.pid] = (name, times.user + times.system)
+                    self.procs[name] = {"nice": proc.nice(), "os_threads": proc.num_threads()}
             self.samples.append((time.time(), seen))
 
     def between(self, start: float, end: float) -> dict[str, float]:
@@ -142,26 +164,26 @@ class CpuSampler:
 
 
 def ray_train(samples: int, threads: int) -> dict[str, Any]:
-    sampler = CpuSampler()
-    sampler.thread.start()
+    """`finetune run`'s path: a local Ray started as `finetune run` starts it, one Ray Train worker."""
     started = time.monotonic()
-    ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    ray_up = time.monotonic() - started
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = run_training(
-                spec_for(samples),
-                options=RunOptions(
-                    run_name="overhead", output_uri=tmp, workers=1, cpus_per_worker=threads, gpus_per_worker=0,
-                ),
-            )  # fmt: skip
-    finally:
-        sampler.stop.set()
-        ray.shutdown()
+    with CpuSampler() as sampler:
+        start_local_ray(num_cpus=threads, log_to_driver=False)
+        ray_up = time.monotonic() - started
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                result = run_training(
+                    spec_for(samples),
+                    options=RunOptions(
+                        run_name="overhead", output_uri=tmp, workers=1, cpus_per_worker=threads, gpus_per_worker=0,
+                    ),
+                )  # fmt: skip
+        finally:
+            ray.shutdown()
     wall = time.monotonic() - started
     timing = result.summary["timing"]
     cpu = sampler.between(timing["startedAt"], timing["startedAt"] + timing["loop"])
     worker = sum(v for k, v in cpu.items() if "RayTrainWorker" in k)
+    worker_proc = next((v for k, v in sampler.procs.items() if "RayTrainWorker" in k), {})
     steps = int(result.summary["steps"])
     like_for_like = timing["loop"] - timing["eval"] - timing["report"]
     return {
@@ -178,6 +200,9 @@ def ray_train(samples: int, threads: int) -> dict[str, Any]:
         "cpu_seconds_in_loop_training_worker": worker,
         "cpu_seconds_in_loop_other_ray_processes": sum(cpu.values()) - worker,
         "cpu_seconds_in_loop_by_process": dict(sorted(cpu.items(), key=lambda kv: -kv[1])[:8]),
+        "nice": worker_proc.get("nice"),
+        "os_threads": worker_proc.get("os_threads"),
+        "torch_threads": result.summary.get("torchThreads"),
     }
 
 
@@ -202,9 +227,17 @@ def breakdown(hf: dict[str, Any], rt: dict[str, Any]) -> str:
         f"{rt['step_samples_per_second']:8.1f}"
     )
     lines.append(
+        f"{'CPU-s of the training process during the loop':62} {hf['cpu_seconds_training_process']:8.2f} "
+        f"{rt['cpu_seconds_in_loop_training_worker']:8.2f}"
+    )
+    lines.append(
         f"{'CPU-s of Ray processes other than the worker, during the loop':62} {'':>8} "
         f"{rt['cpu_seconds_in_loop_other_ray_processes']:8.2f}"
     )
+    lines.append(
+        f"{'torch intra-op threads of the training process':62} {hf['torch_threads']!s:>8} {rt['torch_threads']!s:>8}"
+    )
+    lines.append(f"{'niceness of the training process':62} {hf['nice']!s:>8} {rt['nice']!s:>8}")
     lines.append(
         f"{'start-up outside the loop: Ray init + workers + model load':62} {'':>8} "
         f"{rt['wall_seconds_including_startup'] - rt['loop_seconds']:8.1f}"
@@ -226,6 +259,9 @@ def main() -> int:
         ray_runs.append(ray_train(args.samples, threads))
         h, r = hf_runs[-1]["samples_per_second"], ray_runs[-1]["samples_per_second"]
         print(f"round {i + 1}: HF {h:.1f} | Ray {r:.1f} samples/s | ratio {r / h:.3f} | {uptime()}", flush=True)
+        # Each round's runs and breakdown as they finish: a long run on a busy machine still leaves figures.
+        print(json.dumps({"round": i + 1, "hf": hf_runs[-1], "ray": ray_runs[-1]}), flush=True)
+        print(breakdown(hf_runs[-1], ray_runs[-1]), flush=True)
     hf = max(hf_runs, key=lambda r: r["samples_per_second"])
     rt = max(ray_runs, key=lambda r: r["samples_per_second"])
     ratio = rt["samples_per_second"] / hf["samples_per_second"]

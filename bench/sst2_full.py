@@ -22,6 +22,7 @@ from pathlib import Path
 
 import ray
 from finetune_trainer.driver import RunOptions, run_training
+from finetune_trainer.local import start_local_ray
 from finetune_trainer.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def main() -> int:
         }
     )  # fmt: skip
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, logging_level="ERROR")
+    start_local_ray(num_cpus=cpus, log_to_driver=True)  # as `finetune run`: workers at our priority
     started = time.monotonic()
     try:
         result = run_training(

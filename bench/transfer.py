@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt
 import ray
 from finetune_trainer.driver import RunOptions, run_training
 from finetune_trainer.hfcache import packaged_model_dir
+from finetune_trainer.local import start_local_ray
 from finetune_trainer.spec import parse_spec
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -57,6 +58,45 @@ def random_init_model(target: Path) -> Path:
     return target
 
 
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def write_outputs(rows: list[dict[str, Any]], *, args: argparse.Namespace) -> str:
+    """bench/out/transfer.{md,json,png} for the rows so far; returns the table."""
+    header = (
+        f"SST-2, {args.train_samples} training examples, full dev set (872), {args.epochs} epochs, batch 32, "
+        f"maxSeqLength 64, 1 Ray Train worker, {os.cpu_count()} CPU cores; {len(rows)} of {len(selected(args))} "
+        f"runs; after the last: {uptime()}\n\n"
+        "| method | dev accuracy | dev macro-F1 | wall time (s) | trainable parameters | learning rate "
+        "| load before (1, 5, 15 min) |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    table = header + "".join(
+        f"| {r['method']} | {r['dev_accuracy']:.4f} | {r['dev_f1']:.4f} | {r['wall_seconds']:.0f} | "
+        f"{r['trainable_parameters']:,} / {r['total_parameters']:,} | {r['learning_rate']} | {r['load_before']} |\n"
+        for r in rows
+    )
+    (OUT / "transfer.md").write_text(table)
+    (OUT / "transfer.json").write_text(json.dumps(rows, indent=2))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar([r["method"] for r in rows], [r["dev_accuracy"] for r in rows], color="tab:blue")
+    for i, r in enumerate(rows):
+        ax.text(i, r["dev_accuracy"] + 0.005, f"{r['dev_accuracy']:.3f}\n{r['wall_seconds']:.0f}s", ha="center")
+    ax.set_ylim(0.4, 1.0)
+    ax.set_ylabel("SST-2 dev accuracy")
+    ax.set_title(f"MiniLM transfer strategies, {args.train_samples} SST-2 examples (label: accuracy, wall time)")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(OUT / "transfer.png")
+    plt.close(fig)
+    return table
+
+
+def selected(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], str]]:
+    return [run for run in RUNS if not args.only or run[0] in args.only.split(",")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-samples", type=int, default=1000)
@@ -64,13 +104,12 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    start_local_ray(num_cpus=os.cpu_count() or 1, log_to_driver=False, attempts=10)  # as `finetune run` starts Ray
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
         random_dir = random_init_model(Path(tmp) / "random-minilm")
-        for label, method, lr in RUNS:
-            if args.only and label not in args.only.split(","):
-                continue
+        table = ""
+        for label, method, lr in selected(args):
             model = str(random_dir) if "random" in label else "hf://sentence-transformers/all-MiniLM-L6-v2"
             spec = parse_spec(
                 {
@@ -89,6 +128,7 @@ def main() -> int:
                     "checkpoint": {"everySteps": 10_000, "keep": 1},
                 }
             )  # fmt: skip
+            load = uptime()
             started = time.monotonic()
             result = run_training(
                 spec,
@@ -108,34 +148,12 @@ def main() -> int:
                 "trainable_parameters": result.summary["trainableParameters"],
                 "total_parameters": result.summary["totalParameters"],
                 "learning_rate": lr,
+                "load_before": load.split("load average:")[-1].strip(),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+            table = write_outputs(rows, args=args)  # after every row: a run cut short still leaves agreeing files
     ray.shutdown()
-    load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    header = (
-        f"SST-2, {args.train_samples} training examples, full dev set (872), {args.epochs} epochs, batch 32, "
-        f"maxSeqLength 64, 1 Ray Train worker, {os.cpu_count()} CPU cores; after the runs: {load}\n\n"
-        "| method | dev accuracy | dev macro-F1 | wall time (s) | trainable parameters | learning rate |\n"
-        "|---|---|---|---|---|---|\n"
-    )
-    table = header + "".join(
-        f"| {r['method']} | {r['dev_accuracy']:.4f} | {r['dev_f1']:.4f} | {r['wall_seconds']:.0f} | "
-        f"{r['trainable_parameters']:,} / {r['total_parameters']:,} | {r['learning_rate']} |\n"
-        for r in rows
-    )
-    (OUT / "transfer.md").write_text(table)
-    (OUT / "transfer.json").write_text(json.dumps(rows, indent=2))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar([r["method"] for r in rows], [r["dev_accuracy"] for r in rows], color="tab:blue")
-    for i, r in enumerate(rows):
-        ax.text(i, r["dev_accuracy"] + 0.005, f"{r['dev_accuracy']:.3f}\n{r['wall_seconds']:.0f}s", ha="center")
-    ax.set_ylim(0.4, 1.0)
-    ax.set_ylabel("SST-2 dev accuracy")
-    ax.set_title(f"MiniLM transfer strategies, {args.train_samples} SST-2 examples")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    fig.savefig(OUT / "transfer.png")
     print(table)
     return 0
 

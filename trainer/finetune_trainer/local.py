@@ -25,6 +25,7 @@ from finetune_trainer.placement import fit_placement
 from finetune_trainer.spec import FineTuneJob
 
 log = logging.getLogger(__name__)
+RAY_START_TIMEOUT = "timed out during startup"  # ray._private.node.Node's message when the raylet is late
 
 
 class ProgressPrinter:
@@ -73,6 +74,37 @@ class ProgressPrinter:
             self.bar.close()
 
 
+def start_local_ray(*, num_cpus: int, log_to_driver: bool, attempts: int = 3) -> None:
+    """Start a Ray instance on this machine whose workers run at the caller's CPU priority.
+
+    Ray starts worker processes at nice 15 (its `worker_niceness`) so its own daemons stay responsive on a busy
+    node. For a local run the training worker is the job: at nice 15 it gets a fraction of the CPU a plain
+    `python train.py` gets as soon as anything else runs on the machine (bench/overhead.py, docs/benchmarks.md).
+    `worker_niceness: 0` adds nothing to the caller's niceness: the worker competes like the process that
+    started it, as the in-process HF Trainer it is compared with does.
+
+    Ray gives its raylet a fixed 30 s to register and raises a bare Exception when it misses that on a busy
+    machine; that start-up is retried (after `ray.shutdown()` removes what the failed start left) `attempts` times.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=log_to_driver,
+                logging_level=logging.WARNING,
+                _system_config={"worker_niceness": 0},
+            )
+            return
+        except Exception as e:
+            if RAY_START_TIMEOUT not in str(e) or attempt == attempts:
+                raise
+            log.warning(
+                "local Ray did not start in time (attempt %d of %d; a busy machine?): retrying", attempt, attempts
+            )
+            ray.shutdown()
+
+
 def default_output(job: FineTuneJob, output: str | None) -> str:
     """--output, else spec.output.uri, else ./runs/<name>."""
     return output or job.spec.output.uri or str(Path.cwd() / "runs" / job.metadata.name)
@@ -91,12 +123,7 @@ def run_local(
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=verbose, logging_level=logging.WARNING)
         else:
-            ray.init(
-                num_cpus=os.cpu_count() or 1,
-                include_dashboard=False,
-                log_to_driver=verbose,
-                logging_level=logging.WARNING,
-            )
+            start_local_ray(num_cpus=os.cpu_count() or 1, log_to_driver=verbose)
             started_ray = True
         signals.install()  # ray.init replaced it
     try:

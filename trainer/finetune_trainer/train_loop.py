@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import ray.train
+import torch
 
 from finetune_trainer import checkpoints
 from finetune_trainer.checkpoints import Progress
@@ -106,6 +107,7 @@ def summary_base(ctx: WorkerContext, trainee: Trainee, inputs: Inputs) -> dict[s
         "trainSamples": inputs.train_rows,
         "evalSamples": inputs.eval_rows,
         "workers": ctx.world,
+        "torchThreads": torch.get_num_threads(),  # intra-op threads of each worker (bench/overhead.py prints it)
         "stepsPerEpoch": budget.steps_per_epoch,
         "totalSteps": budget.total_steps,
     }
