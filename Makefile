@@ -13,7 +13,7 @@ export HF_HOME ?= $(FT_CACHE)/hf
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: help venv lock run test test-fast test-unit lint deps crds chart-crds api-docs binaries cluster-up cluster-down bench clean \
+.PHONY: help venv lock run test test-fast test-productnode test-unit lint deps crds chart-crds api-docs binaries cluster-up cluster-down bench clean \
 	images images-docker images-prune kind-up kind-load kind-demo kind-down
 
 help: ## list targets
@@ -48,7 +48,10 @@ test-unit: venv ## fast pure-function tests only
 	$(PY) -m pytest tests/unit -q
 
 test: venv deps binaries lint ## the whole suite: lint, unit, integration (real control plane), e2e, real node
-	$(PY) -m pytest -q --durations=30
+	$(PY) -m pytest -q --durations=30 -m "not productnode"
+
+test-productnode: venv deps binaries ## the product on the real node: quick start via helm + images, faults in real containers
+	$(PY) -m pytest -q --durations=0 -m productnode
 
 # The inner loop: pure tests + everything that needs only the control plane (kwok for pods whose life the test
 # drives). No Ray, no real or process node, no image builds.

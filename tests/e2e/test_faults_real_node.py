@@ -36,7 +36,7 @@ from devcluster.testing import wait_for
 sys.path.insert(0, str(REPO_ROOT / "hack"))
 import demo_s3
 
-pytestmark = [pytest.mark.realnode, pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.realnode, pytest.mark.ray, pytest.mark.slow, pytest.mark.productnode]
 
 MAX_STEPS = 60
 EVERY_STEPS = 4
