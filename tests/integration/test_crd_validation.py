@@ -221,5 +221,5 @@ def test_kubectl_explain_shows_descriptions(cluster: DevCluster, crd: None) -> N
 def test_printer_columns(cluster: DevCluster, namespace: str, crd: None) -> None:
     cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(_set(VALID, "metadata.name", "cols")))
     header = cluster.kubectl("get", "ftj", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "PROGRESS", "METRIC", "WORKERS", "AGE"]
+    assert header == ["NAME", "PHASE", "PROGRESS", "METRIC", "WORKERS", "QUEUE", "AGE"]
     assert yaml.safe_load(cluster.kubectl("get", "finetune", "-n", namespace, "-o", "yaml").stdout)["items"]
