@@ -31,7 +31,7 @@ from devcluster import quickstart
 from devcluster.kube import call_json
 from devcluster.testing import wait_for
 
-pytestmark = [pytest.mark.realnode, pytest.mark.ray, pytest.mark.slow, pytest.mark.productnode]
+pytestmark = [pytest.mark.realnode, pytest.mark.ray, pytest.mark.slow]
 
 JOB = quickstart.JOB
 DEMO_TIMEOUT = 1200
