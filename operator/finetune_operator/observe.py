@@ -161,3 +161,4 @@ class Observed:
     defaults: OperatorDefaults | None = None  # the operator defaults the spec was resolved with
     log_tails: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # failed pod -> last lines
     queue: QueueObserved | None = None  # set only for a job under Kueue (labelled, integration enabled)
+    drain_on_stop: bool = False  # suspend/eviction: head first, workers once it stopped (settings.stop_drain_seconds)

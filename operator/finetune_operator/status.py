@@ -223,9 +223,23 @@ def _suspend(obs: Observed, spec: ftspec.FineTuneJobSpec, base: Status) -> Plan:
             "Suspended",
             "the Ray cluster is deleted; checkpoints are kept; set spec.suspend=false to resume",
         ),
-        actions=Actions(delete_cluster=any(not p.deleting for p in obs.pods)),
+        actions=stop_cluster(obs.pods, drain=obs.drain_on_stop),
         cluster=ClusterInfo(workers=workers, workers_ready=0, ready=f"0/{workers}"),
     )
+
+
+def stop_cluster(pods: Sequence[PodView], *, drain: bool) -> Actions:
+    """Stop a running job's Ray cluster on request (suspend, Kueue eviction).
+
+    With `drain`, the head goes first: its trainer gets SIGTERM and has the workers write a checkpoint at their next
+    step, which needs the workers alive. So the workers (and the Service, ConfigMap, NetworkPolicy) are deleted only
+    once no head is running any more: none left, or its container has exited (phase Succeeded/Failed). Without
+    `drain`, or when there is no running head to wait for, everything is deleted at once.
+    """
+    heads = [p for p in pods if p.role == names.ROLE_HEAD and not p.finished]
+    if drain and heads:
+        return Actions(delete_pods=tuple(PodRef(p.name, p.uid) for p in heads if not p.deleting))
+    return Actions(delete_cluster=any(not p.deleting for p in pods))
 
 
 def _queued(obs: Observed, queue: kq.QueueObserved, spec: ftspec.FineTuneJobSpec, base: Status) -> Plan:
@@ -241,7 +255,7 @@ def _queued(obs: Observed, queue: kq.QueueObserved, spec: ftspec.FineTuneJobSpec
         obs,
         base=base,
         outcome=Outcome(Phase.QUEUED, reason, message),
-        actions=Actions(delete_cluster=any(not p.deleting for p in obs.pods)),
+        actions=stop_cluster(obs.pods, drain=obs.drain_on_stop),
         cluster=ClusterInfo(workers=workers, workers_ready=0, ready=f"0/{workers}"),
     )
 

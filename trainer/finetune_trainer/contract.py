@@ -165,6 +165,14 @@ def parse_failure_line(text: str) -> tuple[str, str] | None:
     return report.reason, report.message
 
 
+# ---- Stopping on request (suspend, Kueue preemption): the head's SIGTERM ----
+# Seconds the driver may spend, after SIGTERM, having the workers write a checkpoint at their next step before it
+# stops (exit 7, Interrupted); unset or 0: it stops at once. The operator sets it on the head pod and gives the pod
+# a grace period STOP_DRAIN_MARGIN_SECONDS longer (the log upload and Ray's shutdown come after).
+STOP_DRAIN_ENV = "FINETUNE_STOP_DRAIN_SECONDS"
+STOP_DRAIN_MARGIN_SECONDS = 30
+
+
 # ---- Prometheus metrics exposed by the trainer driver (rank-0 process on the Ray head) ----
 DEFAULT_METRICS_PORT = 8000
 
