@@ -22,7 +22,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from finetune_trainer import artifacts, data, sources, storage
+from finetune_trainer import artifacts, data, signals, sources, storage
 from finetune_trainer.contract import CHECKPOINTS_DIR, MANIFEST, TrainerPhase
 from finetune_trainer.errors import (
     InterruptedRunError,
@@ -33,7 +33,7 @@ from finetune_trainer.errors import (
     classify_failure,
 )
 from finetune_trainer.metrics import TrainerMetrics
-from finetune_trainer.progress import ProgressBoard
+from finetune_trainer.progress import ProgressBoard, should_drain
 from finetune_trainer.spec import FineTuneJobSpec
 from finetune_trainer.train_loop import train_func
 
@@ -58,6 +58,7 @@ class RunOptions:
     on_progress: ProgressCallback | None = None
     poll_seconds: float = 1.0
     extra_config: dict[str, Any] = field(default_factory=dict)
+    stop: signals.StopRequest | None = None  # SIGTERM with a drain budget: checkpoint at the next step, then stop
 
 
 @dataclass(frozen=True)
@@ -123,17 +124,38 @@ def wait_for_resources(*, workers: int, cpus: float, gpus: int, timeout: float) 
 
 
 class _Poller:
-    """Copies the ProgressBoard into the metrics and the progress callback about once a second."""
+    """Copies the ProgressBoard into the metrics and the progress callback about once a second, and passes a stop
+    request (SIGTERM with a drain budget) on to the workers through the board."""
 
     def __init__(self, board: Any, options: RunOptions) -> None:
         self.board, self.options = board, options
         self.stop = threading.Event()
+        self.stop_passed = False
         self.last: dict[str, Any] = {}
         self.thread = threading.Thread(target=self._run, name="finetune-progress", daemon=True)
 
     def _run(self) -> None:
         while not self.stop.wait(self.options.poll_seconds):
             self.poll()
+            self.pass_stop()
+
+    def pass_stop(self) -> None:
+        """Once SIGTERM asked for a drain: the workers checkpoint at their next step if the loop runs; else there is
+        nothing to wait for and the driver stops now."""
+        request = self.options.stop
+        if request is None or self.stop_passed or not request.requested.is_set():
+            return
+        self.stop_passed = True
+        if should_drain(self.last):
+            log.warning("SIGTERM: the workers checkpoint at their next step, then stop (within %.0fs)",
+                        request.drain_seconds)  # fmt: skip
+            try:
+                self.board.request_stop.remote()
+            except Exception:  # no board: the drain timer ends the run
+                log.warning("could not reach the progress board; stopping when the drain time is up")
+            return
+        log.warning("SIGTERM while %s: nothing to checkpoint, stopping now", self.last.get("phase", "starting"))
+        signals.interrupt_now()
 
     def poll(self) -> None:
         try:
@@ -215,6 +237,11 @@ def run_training(spec: FineTuneJobSpec, *, options: RunOptions) -> RunResult:
     if result.error is not None:
         raise classify_failure(result.error) from result.error
     final: dict[str, Any] = dict(result.metrics or {})
+    if not final.get("done") and options.stop is not None and options.stop.requested.is_set():
+        raise InterruptedRunError(
+            f"stopped on SIGTERM at step {final.get('step', 0)} after writing a checkpoint there; relaunch with the "
+            "same run name to resume from it"
+        )
     if not final.get("done"):
         # fit() returns without an error and without the final report only when the run was aborted.
         raise InterruptedRunError(

@@ -25,6 +25,7 @@ class ProgressBoard:
 
     def __init__(self) -> None:
         self._state: dict[str, Any] = {"phase": TrainerPhase.INITIALIZING.value, "step": 0, "updated_at": 0.0}
+        self._stop = False
 
     def update(self, values: dict[str, Any]) -> None:
         """Merge new values; eval metrics merge into the `eval` mapping rather than replacing it."""
@@ -40,6 +41,19 @@ class ProgressBoard:
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self._state)
+
+    def request_stop(self) -> None:
+        """The driver got SIGTERM with a drain budget: the workers checkpoint at their next step and return."""
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
+
+
+def should_drain(snapshot: dict[str, Any]) -> bool:
+    """Whether a stop request is worth waiting for: only the training loop answers it (at its next step), so before
+    training (loading, waiting for workers) and after it (saving) the driver stops at once."""
+    return snapshot.get("phase") in {TrainerPhase.TRAINING.value, TrainerPhase.EVALUATING.value}
 
 
 class Board:

@@ -23,7 +23,7 @@ from finetune_trainer import checkpoints
 from finetune_trainer.checkpoints import Progress
 from finetune_trainer.contract import TrainerPhase
 from finetune_trainer.finish import finish
-from finetune_trainer.loop import Checkpointer, EvalPolicy, Loop
+from finetune_trainer.loop import Checkpointer, EvalPolicy, Loop, StopPoll
 from finetune_trainer.spec import Baseline
 from finetune_trainer.worker import Inputs, Trainee, WorkerContext, build_trainee, load_inputs, worker_context, wrap_ddp
 
@@ -62,9 +62,12 @@ def train_func(config: dict[str, Any]) -> None:
         progress,
         policy=policy,
         checkpointer=Checkpointer(ctx, every_steps=ctx.spec.checkpoint.every_steps),
+        stop=StopPoll(config.get("board"), ctx),
     )
     announce(ctx, trainee, progress)
     loop.run()
+    if loop.stopped_on_request:  # checkpointed; the driver reports Interrupted and a relaunch resumes from here
+        return
     finish(ctx, inputs, loop, summary_base=summary_base(ctx, trainee, inputs))
 
 
