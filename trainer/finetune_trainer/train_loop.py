@@ -46,13 +46,9 @@ def train_func(config: dict[str, Any]) -> None:
             progress = checkpoints.restore(trainee, found[1], chief=ctx.is_chief)
             log.warning("rank %d resumed from step %d", ctx.rank, progress.state.step)
             state = progress.state
+            # What Ray Train gave us is its latest committed checkpoint: announce it at once.
             ctx.board.push(
-                {
-                    "checkpoint_uri": checkpoints.checkpoint_uri(ctx, state.last_checkpoint_step),
-                    "last_checkpoint_step": state.last_checkpoint_step,
-                    "last_checkpoint_time": state.last_checkpoint_time,
-                },
-                force=True,
+                checkpoints.announcement(ctx, state.last_checkpoint_step, state.last_checkpoint_time), force=True
             )
     wrap_ddp(trainee, ctx)
     policy = EvalPolicy.of(ctx.spec)
