@@ -31,7 +31,7 @@ NOT_RETRYABLE = frozenset(
     }
 )
 HEAD_POD_LOST = "HeadPodLost"
-OOM_KILLED = "OOMKilled"
+OOM_KILLED = contract.Reason.OOM_KILLED.value  # the runtime's word, and the trainer's for a process inside
 NO_PROGRESS = "NoProgress"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
