@@ -150,3 +150,13 @@ def test_other_ranks_announce_nothing(controller: FakeController) -> None:
     trainee: Any = SimpleNamespace(budget=SimpleNamespace(steps_per_epoch=4))
     checkpointer.report(trainee, checkpoints.Progress(state=checkpoints.RunState(step=4)), {}, save=True)
     assert board.pushed == [] and controller.questions == 0
+
+
+def test_drain_waits_until_the_last_checkpoint_is_announced(controller: FakeController) -> None:
+    board = Board()
+    watch = commits.CommitWatch(fetch=controller.fetch, announce=lambda step, _at: board.push(checkpoints_at(step)))
+    watch.reported(4, 1.0)
+    controller.wait_questions(1)
+    assert not watch.drain(timeout=0.05)  # step 4 not committed yet
+    controller.committed.add(4)
+    assert watch.drain(timeout=WAIT) and board.announced() == [4]

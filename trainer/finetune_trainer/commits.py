@@ -105,6 +105,13 @@ class CommitWatch:
             if found is not None and found[0] > self._announced:
                 self._announced = found[0]
                 self._announce(*found)
+            self._cond.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait (bounded) until every reported checkpoint is announced or superseded: the end of a run, so the
+        driver's last reading shows the last checkpoint. False when some are still pending."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending, timeout=timeout)
 
     def _run(self) -> None:
         while True:
