@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import signal
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -431,15 +432,40 @@ def failure_of(pod: PodView, *, log_tail: Sequence[str] = (), now: str) -> LastF
     if pod.reason:
         return LastFailure(reason=pod.reason, message=pod.message or f"pod {pod.name} failed", log_tail=tail, **common)
     if term.exit_code is not None:
-        try:
-            reason = contract.REASON_BY_EXIT_CODE[contract.ExitCode(term.exit_code)].value
-        except (ValueError, KeyError):
-            reason = reasons.TRAINER_EXITED
-        last = (term.message or "").strip().splitlines()[-1:] or [""]
-        detail = f": {last[0]}" if last[0] else ""
-        message = f"{pod.role} container of {pod.name} exited with code {term.exit_code}{detail}"
+        reason, message = _exit_reason(pod, term.exit_code)
         return LastFailure(reason=reason, message=message, log_tail=tail, **common)
     return LastFailure(reason=reasons.HEAD_FAILED, message=f"pod {pod.name} failed", log_tail=tail, **common)
+
+
+def _exit_reason(pod: PodView, code: int) -> tuple[str, str]:
+    """A container that exited without a report and without OOMKilled: the contract's reason for its exit code, a
+    death by signal said as such (the runtime calls it "Error", which hides the signal), else TrainerExited."""
+    term = pod.container
+    last = (term.message or "").strip().splitlines()[-1:] or [""]
+    detail = f": {last[0]}" if last[0] else ""
+    exited = f"{pod.role} container of {pod.name} exited with code {code}{detail}"
+    try:
+        return contract.REASON_BY_EXIT_CODE[contract.ExitCode(code)].value, exited
+    except (ValueError, KeyError):
+        pass
+    sig = term.killed_by
+    if sig is None:
+        return reasons.TRAINER_EXITED, exited
+    cause = _SIGNAL_CAUSES.get(sig, "the process died of this signal")
+    return reasons.KILLED_BY_SIGNAL, (
+        f"the {pod.role} container of {pod.name} was killed by {sig.name} (exit code {code}), not by the OOM "
+        f"killer: {cause}{detail}"
+    )
+
+
+_SIGNAL_CAUSES: Mapping[signal.Signals, str] = {
+    signal.SIGKILL: "it was stopped from outside without a grace period (a runtime or node restart, `crictl stop`, "
+    "a failed liveness probe, an admin)",
+    signal.SIGTERM: "it was stopped from outside and the trainer did not get to report (it exits 7 when it does)",
+    signal.SIGSEGV: "a crash in native code (torch, a tokenizer, Ray); the log tail shows where",
+    signal.SIGABRT: "native code aborted (a failed assertion in Ray, torch or a library); the log tail shows where",
+    signal.SIGBUS: "a bad memory access, often a full /dev/shm (Ray's object store)",
+}
 
 
 def _head_failure(attempt: _Attempt) -> LastFailure | None:

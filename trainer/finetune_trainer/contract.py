@@ -24,6 +24,7 @@ class ExitCode(IntEnum):
     TRAINING_ERROR = 6
     INTERRUPTED = 7
     QUALITY_GATE_FAILED = 8
+    OOM_KILLED = 9
 
 
 class Reason(StrEnum):
@@ -36,6 +37,10 @@ class Reason(StrEnum):
     TRAINING_ERROR = "TrainingError"
     INTERRUPTED = "Interrupted"
     QUALITY_GATE_FAILED = "QualityGateFailed"  # the model missed spec.output.minMetric; kept under rejected/
+    # A training process was killed for memory inside its container (the kernel's OOM killer on a process that is
+    # not the container's PID 1, or Ray's memory monitor): the pod itself never shows OOMKilled. The operator
+    # writes the same reason for a container the runtime marked OOMKilled (reasons.OOM_KILLED is this value).
+    OOM_KILLED = "OOMKilled"
 
 
 REASON_BY_EXIT_CODE: dict[ExitCode, Reason] = {
@@ -46,6 +51,7 @@ REASON_BY_EXIT_CODE: dict[ExitCode, Reason] = {
     ExitCode.TRAINING_ERROR: Reason.TRAINING_ERROR,
     ExitCode.INTERRUPTED: Reason.INTERRUPTED,
     ExitCode.QUALITY_GATE_FAILED: Reason.QUALITY_GATE_FAILED,
+    ExitCode.OOM_KILLED: Reason.OOM_KILLED,
 }
 EXIT_CODE_BY_REASON: dict[Reason, ExitCode] = {reason: code for code, reason in REASON_BY_EXIT_CODE.items()}
 

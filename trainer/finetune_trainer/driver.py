@@ -21,8 +21,9 @@ from typing import Any
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from finetune_trainer import artifacts, data, signals, sources, storage
+from finetune_trainer import artifacts, data, oom, signals, sources, storage
 from finetune_trainer.contract import CHECKPOINTS_DIR, MANIFEST, TrainerPhase
 from finetune_trainer.errors import (
     InterruptedRunError,
@@ -31,6 +32,7 @@ from finetune_trainer.errors import (
     TrainerError,
     TrainingError,
     classify_failure,
+    find_trainer_error,
 )
 from finetune_trainer.metrics import TrainerMetrics
 from finetune_trainer.progress import ProgressBoard, should_drain
@@ -171,6 +173,54 @@ class _Poller:
             self.options.on_progress(snap)
 
 
+class MemoryProbe:
+    """Reads the memory cgroup of every Ray node's container (oom.py) when the run starts and when it fails, so a
+    training process the kernel killed for memory is reported as OOMKilled. The first reading runs in the
+    background (zero-CPU tasks pinned to each node); it is only awaited if the run fails."""
+
+    def __init__(self, *, timeout: float = 20.0) -> None:
+        self.timeout = timeout
+        self.head_node = str(ray.get_runtime_context().get_node_id())
+        self.before = self._launch()
+
+    @staticmethod
+    def _launch() -> dict[str, Any]:
+        read = ray.remote(num_cpus=0, max_retries=0)(oom.read_node_memory)
+        refs: dict[str, Any] = {}
+        for node in ray.nodes():  # type: ignore[no-untyped-call]
+            if node.get("Alive"):
+                where = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+                refs[str(node["NodeID"])] = read.options(scheduling_strategy=where).remote()
+        return refs
+
+    def _resolve(self, refs: dict[str, Any], deadline: float) -> dict[str, oom.NodeMemory]:
+        out: dict[str, oom.NodeMemory] = {}
+        for node, ref in refs.items():
+            try:
+                out[node] = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except Exception as e:  # a node that died with the run, or no answer in time: no evidence from it
+                log.warning("memory of Ray node %s not readable: %s", node[:8], type(e).__name__)
+        return out
+
+    def kills(self) -> list[oom.OomKills]:
+        """Nodes whose OOM-kill counter rose since the start (best effort: [] when nothing can be read)."""
+        try:
+            after_refs = self._launch()
+            deadline = time.monotonic() + self.timeout
+            before, after = self._resolve(self.before, deadline), self._resolve(after_refs, deadline)
+        except Exception as e:
+            log.warning("could not read the nodes' memory cgroups: %s", e)
+            return []
+        return oom.kills_during(before, after, head_node=self.head_node)
+
+
+def classified(error: BaseException, probe: MemoryProbe | None) -> TrainerError:
+    """The contract's error for a failed run; the memory probe is asked only when no worker raised a domain error."""
+    if find_trainer_error(error) is not None or probe is None:
+        return classify_failure(error)
+    return classify_failure(error, oom_kills=probe.kills())
+
+
 def checkpoint_storage(output: storage.Location) -> tuple[str, Any]:
     """Ray Train's storage_path and storage_filesystem for <output>/checkpoints."""
     ckpt = output.child(CHECKPOINTS_DIR)
@@ -193,6 +243,7 @@ def run_training(spec: FineTuneJobSpec, *, options: RunOptions) -> RunResult:
         timeout=options.resource_wait_seconds,
     )
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    probe = MemoryProbe()
     storage_path, storage_fs = checkpoint_storage(output)
     resources: dict[str, float] = {"CPU": options.cpus_per_worker}
     if options.gpus_per_worker:
@@ -229,13 +280,13 @@ def run_training(spec: FineTuneJobSpec, *, options: RunOptions) -> RunResult:
     except SystemExit as e:  # Ray Train's own SIGINT handler aborts the run and may call sys.exit(0)
         raise InterruptedRunError("training was aborted (SIGINT); relaunch with the same run name to resume") from e
     except Exception as e:
-        raise classify_failure(e) from e
+        raise classified(e, probe) from e
     finally:
         poller.stop.set()
         poller.thread.join(timeout=5)
         poller.poll()
     if result.error is not None:
-        raise classify_failure(result.error) from result.error
+        raise classified(result.error, probe) from result.error
     final: dict[str, Any] = dict(result.metrics or {})
     if not final.get("done") and options.stop is not None and options.stop.requested.is_set():
         raise InterruptedRunError(

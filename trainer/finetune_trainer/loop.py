@@ -22,7 +22,7 @@ import ray.train
 import torch
 from torch import nn
 
-from finetune_trainer import checkpoints, evaluation, strategies
+from finetune_trainer import checkpoints, commits, evaluation, strategies
 from finetune_trainer.checkpoints import Progress
 from finetune_trainer.contract import TrainerPhase
 from finetune_trainer.errors import TrainingError
@@ -56,10 +56,13 @@ class EvalPolicy:
 
 
 class Checkpointer:
-    """The job's model reports to Ray Train (a barrier on every rank) and checkpoints every N steps."""
+    """The job's model reports to Ray Train (a barrier on every rank) and checkpoints every N steps; rank 0 announces
+    a checkpoint to the driver once Ray Train has committed it (commits.py says why not before)."""
 
     def __init__(self, ctx: WorkerContext, *, every_steps: int) -> None:
         self.ctx, self.every_steps = ctx, every_steps
+        chief = ctx.is_chief
+        self.commits = commits.CommitWatch(fetch=committed_checkpoints, announce=self.announce) if chief else None
 
     def due(self, step: int, total: int) -> bool:
         return step % self.every_steps == 0 and step < total
@@ -72,14 +75,20 @@ class Checkpointer:
             return
         with checkpoints.written(self.ctx, trainee, progress) as ckpt:
             ray.train.report(values, checkpoint=ckpt, checkpoint_dir_name=checkpoints.checkpoint_name(state.step))
-        self.ctx.board.push(
-            {
-                "last_checkpoint_step": state.last_checkpoint_step,
-                "last_checkpoint_time": state.last_checkpoint_time,
-                "checkpoint_uri": checkpoints.checkpoint_uri(self.ctx, state.last_checkpoint_step),
-            },
-            force=True,
-        )
+        if self.commits is not None:
+            self.commits.reported(state.last_checkpoint_step, state.last_checkpoint_time)
+
+    def announce(self, step: int, at: float) -> None:
+        self.ctx.board.push(checkpoints.announcement(self.ctx, step, at), force=True)
+
+
+def committed_checkpoints(wait_s: float) -> list[dict[str, Any]]:
+    """The metrics of every checkpoint Ray Train's controller has committed, once it has processed the reports in
+    flight (at most wait_s later)."""
+    reported = ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=wait_s
+    )
+    return [dict(r.metrics) for r in reported]
 
 
 class StopPoll:

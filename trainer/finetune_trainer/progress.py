@@ -17,6 +17,8 @@ from finetune_trainer.contract import TrainerPhase
 # Timeline values that describe the attempt, not the latest worker group: a worker group that Ray Train restarts
 # inside the attempt loads the model and takes a first step again, but the attempt's first ones stay.
 FIRST_ONLY = frozenset({"model_loaded_time", "first_step_time"})
+# The latest committed checkpoint only moves forward: an announcement older than the one shown is dropped whole.
+CHECKPOINT_KEYS = frozenset({"last_checkpoint_step", "last_checkpoint_time", "checkpoint_uri"})
 PUSH_INTERVAL_S = 1.0
 
 
@@ -33,6 +35,9 @@ class ProgressBoard:
         evals = values.pop("eval", None)
         for key in FIRST_ONLY & values.keys():
             if key in self._state:
+                del values[key]
+        if values.get("last_checkpoint_step", 0) < self._state.get("last_checkpoint_step", 0):
+            for key in CHECKPOINT_KEYS & values.keys():
                 del values[key]
         self._state.update(values)
         if evals:
