@@ -156,7 +156,7 @@ def workloads_in(platform: Platform) -> list[str]:
 
 
 @pytest.mark.timeout(2400)
-@pytest.mark.parametrize("drain", [False, True], ids=["no-drain", "drain"])
+@pytest.mark.parametrize("drain", [True, False], ids=["drain", "no-drain"])
 def test_preempted_job_resumes_from_its_checkpoint_and_succeeds(platform: Platform, drain: bool) -> None:
     set_drain(platform, DRAIN_SECONDS if drain else 0)
     classes = priority_classes(platform.queue, low=100, high=1000)
