@@ -15,11 +15,14 @@ resumed from (`status.attempts[].resumedFromStep`, the trainer's own report).
 What that figure bounds. Let S be the step training had reached when the trainer stopped and R the resumed step.
 The status is written `Queued` before the pods are deleted, so every step shown is ≤ S and the printed figure is a
 lower bound of the true loss S - R:
-- without draining (chart `stopDrainSeconds=0`: every pod deleted at once, the trainer stops at SIGTERM) R is the
-  latest checkpoint Ray Train completed, S - R < EVERY_STEPS (+ EVERY_STEPS if an upload was cut), so the test
-  asserts shown - R ≤ EVERY_STEPS and R ≥ the checkpoint the status showed before the preemption;
 - with draining (the default: the head gets SIGTERM first and its workers checkpoint at the next step before the
-  pods go) R ≥ S, the true loss is 0, and the test asserts shown - R ≤ 0.
+  pods go) R >= S: the true loss is 0, and the test asserts shown - R <= 0;
+- without draining (chart `stopDrainSeconds=0`: every pod deleted at once, the trainer stops at SIGTERM) R is the
+  latest checkpoint Ray Train's controller had *committed*, which lags the checkpoints the workers wrote (it
+  registers a round once it has polled every rank; on this 2-core node that took up to ~25 s, several intervals of
+  this tiny job). So S - R is not bounded by one interval: the first run resumed from 8 with step 15 shown and a
+  checkpoint every 4. What is provable, and asserted, is R >= the checkpoint the status showed (it announces only
+  committed ones), i.e. shown - R <= shown - that checkpoint.
 Both jobs are deleted at the end and nothing of them is left (objects, containers, Workloads).
 """
 
@@ -190,7 +193,8 @@ def test_preempted_job_resumes_from_its_checkpoint_and_succeeds(platform: Platfo
         f"victim Queued {queued_after:.1f} s and its pods gone {pods_gone_after:.1f} s after the preemptor was created"
     )
     assert resumed >= seen.checkpoint > 0, (seen, status["attempts"])
-    assert lost <= (0 if drain else EVERY_STEPS), (seen, status["attempts"])
+    if drain:
+        assert lost <= 0, (seen, status["attempts"])
 
     for job in (high, low):
         job.delete_and_assert_nothing_left()
