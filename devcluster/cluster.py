@@ -8,6 +8,7 @@ pod network namespaces and iptables rules live inside each node's own namespaces
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -170,6 +171,28 @@ class DevCluster:
             check=False,
         )
 
+    def restart_node_component(self, node: str, component: str, *, timeout: float = 120) -> None:
+        """Restart a real node's kubelet or containerd in place (realnode.restart_component); returns once it
+        serves again: containerd answers crictl, the kubelet has renewed its node lease since the restart."""
+        owner = int(self.info().get("owner_pid") or 0)
+        started = dt.datetime.now(dt.UTC)
+        realnode.restart_component(
+            node,
+            component,
+            pid_dir=self.pid_dir,
+            log_dir=self.log_dir,
+            die_with_caller=bool(self.info().get("die_with_caller")) and owner == os.getpid(),
+        )
+        if component == "containerd":
+            wait_for(lambda: self.crictl(node, "version").returncode == 0, timeout=timeout, what=f"{node} containerd")
+        elif component == "kubelet":
+            wait_for(lambda: self._lease_renewed(node, since=started), timeout=timeout, what=f"{node} kubelet")
+
+    def _lease_renewed(self, node: str, *, since: dt.datetime) -> bool:
+        with self.api() as api:
+            lease = call_json(k8s.CoordinationV1Api(api).read_namespaced_lease, node, "kube-node-lease")
+        return renewed_since(lease, since)
+
     # -- kwok nodes ----------------------------------------------------------------------------------------
 
     def add_kwok_node(
@@ -233,6 +256,14 @@ class DevCluster:
             die_with_parent=bool(self.info().get("die_with_caller")) and owner == os.getpid(),
             death_signal=signal.SIGKILL,
         )
+
+
+def renewed_since(lease: Mapping[str, Any], since: dt.datetime) -> bool:
+    """Whether a node Lease (JSON) was renewed after `since` (timezone-aware): its kubelet is alive and talking."""
+    renewed = (lease.get("spec") or {}).get("renewTime")
+    if not isinstance(renewed, str):
+        return False
+    return dt.datetime.fromisoformat(renewed.replace("Z", "+00:00")) > since
 
 
 def _node_ready(api: k8s.ApiClient, name: str) -> bool:

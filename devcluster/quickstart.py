@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -79,6 +80,7 @@ class Quickstart:
     images: Mapping[str, str]  # name -> reference, as imported into the nodes' containerd
     work_dir: Path  # job file, helm's home, the script's log
     release: str = "quickstart"
+    chart_values: Mapping[str, str] = dataclasses.field(default_factory=dict)  # more `--set key=value`
 
     def env(self, *, job_file: Path, job: str = JOB, timeout: float = 1200) -> dict[str, str]:
         helm_home = self.work_dir / "helm"
@@ -105,6 +107,7 @@ class Quickstart:
             "PF_PORT": str(free_port()),
             "PROM_PORT": str(free_port()),
             "TIMEOUT": str(int(timeout)),
+            "HELM_SET": " ".join(f"{key}={value}" for key, value in self.chart_values.items()),
         }
 
     def run(

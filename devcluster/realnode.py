@@ -57,7 +57,10 @@ int main(void) {
 # Stop order within a node: kubelet first (it would otherwise restart what we stop), then the init, whose
 # exit takes down everything else in the node's namespaces.
 COMPONENTS = ("kubelet", "kube-proxy", "containerd", "init")
+# Daemons a test may restart in place (as a node's service manager does after a crash or an upgrade).
+RESTARTABLE = ("kubelet", "containerd", "kube-proxy")
 NODE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NODE_ENV = {"PATH": NODE_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ def _spawn(
         argv=argv,
         log_path=access.log_dir / f"{plan.proc_name(component)}.log",
         pid_dir=access.pid_dir,
-        env={"PATH": NODE_PATH, "HOME": "/root", "LANG": "C.UTF-8"},
+        env=NODE_ENV,
         die_with_parent=access.die_with_caller,
         death_signal=death,
     )
@@ -234,6 +237,31 @@ def start(
     proxy = [str(bins.kube_proxy), f"--config={files['kube-proxy']}", "--v=1"]
     _spawn(plan, "kube-proxy", argv=nsenter(init_pid, *proxy), access=access)
     return init_pid
+
+
+def restart_component(
+    node: str, component: str, *, pid_dir: Path, log_dir: Path, die_with_caller: bool, grace: float = 10.0
+) -> None:
+    """Stop one daemon of a running node (SIGTERM to its group, SIGKILL after `grace`) and start it again with the
+    same command line. Its containers are not its children's group: containerd's shims (their own process groups)
+    and the pods they run survive a containerd restart, and the kubelet adopts running pods when it comes back."""
+    if component not in RESTARTABLE:
+        raise ValueError(f"{component} cannot be restarted in place; one of {RESTARTABLE}")
+    name = f"{node}-{component}"
+    rec = next((r for r in procs.recorded(pid_dir) if r.name == name and r.alive()), None)
+    if rec is None:
+        raise RuntimeError(f"{name} is not running (pidfiles in {pid_dir})")
+    argv = psutil.Process(rec.pid).cmdline()
+    procs.stop_group(rec.pid, grace=grace)
+    procs.spawn(
+        name=name,
+        argv=argv,
+        log_path=log_dir / f"{name}.log",
+        pid_dir=pid_dir,
+        env=NODE_ENV,
+        die_with_parent=die_with_caller,
+        death_signal=signal.SIGTERM,
+    )
 
 
 def stop_order(names: Sequence[str]) -> list[str]:

@@ -16,6 +16,7 @@
 #   OPERATOR_IMAGE, TRAINER_IMAGE, MINIO_IMAGE, PROMETHEUS_IMAGE   image references (default: the examples')
 #   JOB_FILE, JOB, TRAIN_ROWS the job manifest, its name, the training rows uploaded
 #   RELEASE, OPERATOR_NS, JOB_NS, REPLICAS, PF_PORT, PROM_PORT, TIMEOUT
+#   HELM_SET                  more chart values, space-separated key=value (e.g. kueue.enabled=true)
 # so the kind quick start and its test cannot drift apart.
 set -euo pipefail
 
@@ -50,6 +51,7 @@ TIMEOUT="${TIMEOUT:-1800}"
 PF_PORT="${PF_PORT:-19000}"
 PROM_PORT="${PROM_PORT:-19090}"
 PROMETHEUS_IMAGE="${PROMETHEUS_IMAGE:-}"
+HELM_SET="${HELM_SET:-}"
 
 log() { printf '[kind-demo %(%H:%M:%S)T] %s\n' -1 "$*"; }
 die() { log "ERROR: $*"; exit 1; }
@@ -154,6 +156,8 @@ setup() {
   kc -n monitoring rollout status deployment/prometheus --timeout=300s
 
   log "2/7 chart (release $RELEASE in $OPERATOR_NS, $REPLICAS replicas, operator image $OPERATOR_IMAGE)"
+  local extra=() kv
+  for kv in $HELM_SET; do extra+=(--set "$kv"); done
   hm upgrade --install "$RELEASE" charts/finetune-operator \
     --namespace "$OPERATOR_NS" --create-namespace --wait --timeout 5m \
     --set replicaCount="$REPLICAS" \
@@ -162,7 +166,8 @@ setup() {
     --set defaults.storage.endpoint=http://minio.minio.svc.cluster.local:9000 \
     --set defaults.storage.credentialsSecret=s3-creds \
     --set-json 'jobNetworkPolicy.metricsScrapers.namespaceLabels={"kubernetes.io/metadata.name":"monitoring"}' \
-    --set-json 'jobNetworkPolicy.metricsScrapers.podLabels={"app.kubernetes.io/name":"prometheus"}'
+    --set-json 'jobNetworkPolicy.metricsScrapers.podLabels={"app.kubernetes.io/name":"prometheus"}' \
+    ${extra[@]+"${extra[@]}"}
 
   log "3/7 storage credentials in namespace $JOB_NS (examples/s3-credentials.yaml)"
   kc -n "$JOB_NS" apply -f examples/s3-credentials.yaml

@@ -324,6 +324,8 @@ class PodTemplate:
     shape: PodShape
     ports: tuple[Manifest, ...]
     probe_port: int
+    env: tuple[Manifest, ...] = ()
+    grace_seconds: int | None = None  # terminationGracePeriodSeconds (None: Kubernetes' default, 30 s)
 
 
 def _resources(shape: PodShape) -> Manifest:
@@ -353,7 +355,7 @@ def _pod(
                 "image": spec.image or settings.trainer_image,
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": ["/bin/sh", "-c", template.command],
-                "env": _env(spec, ident),
+                "env": [*_env(spec, ident), *template.env],
                 "ports": list(template.ports),
                 "resources": _resources(template.shape),
                 "volumeMounts": _mounts(spec),
@@ -369,6 +371,8 @@ def _pod(
         ],
         "volumes": _volumes(spec, ident=ident, shape=template.shape),
     }
+    if template.grace_seconds is not None:
+        pod_spec["terminationGracePeriodSeconds"] = template.grace_seconds
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
     tolerations = _tolerations(spec, gpus=template.shape.gpus)
@@ -444,6 +448,7 @@ def worker_command(spec: ftspec.FineTuneJobSpec, ident: names.JobIdentity) -> st
 
 
 def build_head_pod(spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: names.JobIdentity) -> Manifest:
+    env, grace = _head_stop(settings)
     template = PodTemplate(
         name=names.head_name(ident.name, ident.attempt),
         labels=names.pod_labels(ident, role=names.ROLE_HEAD),
@@ -456,8 +461,19 @@ def build_head_pod(spec: ftspec.FineTuneJobSpec, *, settings: Settings, ident: n
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ),
         probe_port=RAY_GCS_PORT,
+        env=env,
+        grace_seconds=grace,
     )
     return _pod(spec, settings=settings, ident=ident, template=template)
+
+
+def _head_stop(settings: Settings) -> tuple[tuple[Manifest, ...], int | None]:
+    """How the head stops on request: the trainer's drain budget (contract.STOP_DRAIN_ENV) and a grace period that
+    covers it plus the log upload and Ray's shutdown. Without a drain, Kubernetes' default grace period."""
+    drain = settings.stop_drain_seconds
+    if drain <= 0:
+        return (), None
+    return ({"name": contract.STOP_DRAIN_ENV, "value": str(drain)},), drain + contract.STOP_DRAIN_MARGIN_SECONDS
 
 
 def build_worker_pod(

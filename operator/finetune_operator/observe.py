@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import signal
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -33,6 +34,22 @@ class ContainerView:
     def report(self) -> contract.TrainerReport | None:
         """The trainer's report line, when the termination message holds one."""
         return contract.parse_report(self.message) if self.message else None
+
+    @property
+    def killed_by(self) -> signal.Signals | None:
+        """The signal that ended the container's main process, read from its exit code (128 + N, as runc and the
+        shells report a death by signal); None for an ordinary exit."""
+        return signal_of(self.exit_code) if self.state == "terminated" else None
+
+
+def signal_of(exit_code: int | None) -> signal.Signals | None:
+    """SIGKILL for 137, SIGTERM for 143, ...; None when the code is not 128 + a known signal."""
+    if exit_code is None or not 128 < exit_code <= 128 + signal.NSIG:
+        return None
+    try:
+        return signal.Signals(exit_code - 128)
+    except ValueError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,3 +178,4 @@ class Observed:
     defaults: OperatorDefaults | None = None  # the operator defaults the spec was resolved with
     log_tails: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # failed pod -> last lines
     queue: QueueObserved | None = None  # set only for a job under Kueue (labelled, integration enabled)
+    drain_on_stop: bool = False  # suspend/eviction: head first, workers once it stopped (settings.stop_drain_seconds)

@@ -31,7 +31,7 @@ NOT_RETRYABLE = frozenset(
     }
 )
 HEAD_POD_LOST = "HeadPodLost"
-OOM_KILLED = "OOMKilled"
+OOM_KILLED = contract.Reason.OOM_KILLED.value  # the runtime's word, and the trainer's for a process inside
 NO_PROGRESS = "NoProgress"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
@@ -39,6 +39,9 @@ UNSCHEDULABLE = "Unschedulable"
 PENDING_DEADLINE_EXCEEDED = "PendingDeadlineExceeded"  # a pod stayed not-running without a reason of its own
 INVALID_SPEC = contract.Reason.INVALID_SPEC.value
 TRAINER_EXITED = "TrainerExited"
+# The container's main process died of a signal (exit code 128 + N) with no trainer report and no OOMKilled from the
+# runtime: killed from outside (a node agent, `crictl stop`, a runtime or node restart), or a native crash.
+KILLED_BY_SIGNAL = "KilledBySignal"
 HEAD_FAILED = "HeadFailed"
 FAILED_CREATE = "FailedCreate"  # the API server refused a child (quota, admission, PriorityClass, ...)
 NAME_CONFLICT = "NameConflict"  # an object of a child's name exists and is not owned by this job
@@ -57,6 +60,7 @@ FAILURE_REASONS = frozenset(
         PENDING_DEADLINE_EXCEEDED,
         *PENDING_TROUBLE,
         TRAINER_EXITED,
+        KILLED_BY_SIGNAL,
         HEAD_FAILED,
         FAILED_CREATE,
         NAME_CONFLICT,
@@ -106,6 +110,9 @@ ADVICE: dict[str, str] = {
     "CreateContainerError": _RUNTIME,
     "RunContainerError": _RUNTIME,
     TRAINER_EXITED: "read status.lastFailure (exit code, log tail) and <output>/logs/attempt-N.log",
+    KILLED_BY_SIGNAL: "retried from the latest checkpoint; find what killed it: kubectl get events, the node's "
+    "kubelet and container runtime logs (SIGKILL from a liveness probe, a node restart, an admin); SIGSEGV or "
+    "SIGABRT: read status.lastFailure.logTail",
     HEAD_FAILED: "kubectl describe pod of the head and its log tail in status.lastFailure",
     FAILED_CREATE: "free the quota, or fix what the message names (priorityClassName, an admission policy)",
     NAME_CONFLICT: "rename or delete the object that is not the job's, or re-create the job under another name",

@@ -102,6 +102,15 @@ class Settings(BaseModel):
     )
     trainer_metrics_timeout_seconds: float = Field(default=3.0, gt=0, description="Timeout of one progress scrape.")
     kubeconfig: str | None = Field(default=None, description="Kubeconfig path; in-cluster config when absent.")
+    stop_drain_seconds: int = Field(
+        default=90,
+        ge=0,
+        le=3600,
+        description="When a running job is suspended or preempted by Kueue: how long its trainer may take to write a "
+        "checkpoint at the next step before its pods go (the head pod is deleted first, with a grace period 30 s "
+        "longer, the workers once it has stopped). 0: every pod is deleted at once and the work since the last "
+        "periodic checkpoint is lost.",
+    )
     kueue_enabled: bool = Field(
         default=False,
         description="Queue FineTuneJobs labelled kueue.x-k8s.io/queue-name through Kueue (docs/kueue.md); off: the "

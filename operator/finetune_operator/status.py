@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import signal
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -223,9 +224,23 @@ def _suspend(obs: Observed, spec: ftspec.FineTuneJobSpec, base: Status) -> Plan:
             "Suspended",
             "the Ray cluster is deleted; checkpoints are kept; set spec.suspend=false to resume",
         ),
-        actions=Actions(delete_cluster=any(not p.deleting for p in obs.pods)),
+        actions=stop_cluster(obs.pods, drain=obs.drain_on_stop),
         cluster=ClusterInfo(workers=workers, workers_ready=0, ready=f"0/{workers}"),
     )
+
+
+def stop_cluster(pods: Sequence[PodView], *, drain: bool) -> Actions:
+    """Stop a running job's Ray cluster on request (suspend, Kueue eviction).
+
+    With `drain`, the head goes first: its trainer gets SIGTERM and has the workers write a checkpoint at their next
+    step, which needs the workers alive. So the workers (and the Service, ConfigMap, NetworkPolicy) are deleted only
+    once no head is running any more: none left, or its container has exited (phase Succeeded/Failed). Without
+    `drain`, or when there is no running head to wait for, everything is deleted at once.
+    """
+    heads = [p for p in pods if p.role == names.ROLE_HEAD and not p.finished]
+    if drain and heads:
+        return Actions(delete_pods=tuple(PodRef(p.name, p.uid) for p in heads if not p.deleting))
+    return Actions(delete_cluster=any(not p.deleting for p in pods))
 
 
 def _queued(obs: Observed, queue: kq.QueueObserved, spec: ftspec.FineTuneJobSpec, base: Status) -> Plan:
@@ -241,7 +256,7 @@ def _queued(obs: Observed, queue: kq.QueueObserved, spec: ftspec.FineTuneJobSpec
         obs,
         base=base,
         outcome=Outcome(Phase.QUEUED, reason, message),
-        actions=Actions(delete_cluster=any(not p.deleting for p in obs.pods)),
+        actions=stop_cluster(obs.pods, drain=obs.drain_on_stop),
         cluster=ClusterInfo(workers=workers, workers_ready=0, ready=f"0/{workers}"),
     )
 
@@ -417,15 +432,40 @@ def failure_of(pod: PodView, *, log_tail: Sequence[str] = (), now: str) -> LastF
     if pod.reason:
         return LastFailure(reason=pod.reason, message=pod.message or f"pod {pod.name} failed", log_tail=tail, **common)
     if term.exit_code is not None:
-        try:
-            reason = contract.REASON_BY_EXIT_CODE[contract.ExitCode(term.exit_code)].value
-        except (ValueError, KeyError):
-            reason = reasons.TRAINER_EXITED
-        last = (term.message or "").strip().splitlines()[-1:] or [""]
-        detail = f": {last[0]}" if last[0] else ""
-        message = f"{pod.role} container of {pod.name} exited with code {term.exit_code}{detail}"
+        reason, message = _exit_reason(pod, term.exit_code)
         return LastFailure(reason=reason, message=message, log_tail=tail, **common)
     return LastFailure(reason=reasons.HEAD_FAILED, message=f"pod {pod.name} failed", log_tail=tail, **common)
+
+
+def _exit_reason(pod: PodView, code: int) -> tuple[str, str]:
+    """A container that exited without a report and without OOMKilled: the contract's reason for its exit code, a
+    death by signal said as such (the runtime calls it "Error", which hides the signal), else TrainerExited."""
+    term = pod.container
+    last = (term.message or "").strip().splitlines()[-1:] or [""]
+    detail = f": {last[0]}" if last[0] else ""
+    exited = f"{pod.role} container of {pod.name} exited with code {code}{detail}"
+    try:
+        return contract.REASON_BY_EXIT_CODE[contract.ExitCode(code)].value, exited
+    except (ValueError, KeyError):
+        pass
+    sig = term.killed_by
+    if sig is None:
+        return reasons.TRAINER_EXITED, exited
+    cause = _SIGNAL_CAUSES.get(sig, "the process died of this signal")
+    return reasons.KILLED_BY_SIGNAL, (
+        f"the {pod.role} container of {pod.name} was killed by {sig.name} (exit code {code}), not by the OOM "
+        f"killer: {cause}{detail}"
+    )
+
+
+_SIGNAL_CAUSES: Mapping[signal.Signals, str] = {
+    signal.SIGKILL: "it was stopped from outside without a grace period (a runtime or node restart, `crictl stop`, "
+    "a failed liveness probe, an admin)",
+    signal.SIGTERM: "it was stopped from outside and the trainer did not get to report (it exits 7 when it does)",
+    signal.SIGSEGV: "a crash in native code (torch, a tokenizer, Ray); the log tail shows where",
+    signal.SIGABRT: "native code aborted (a failed assertion in Ray, torch or a library); the log tail shows where",
+    signal.SIGBUS: "a bad memory access, often a full /dev/shm (Ray's object store)",
+}
 
 
 def _head_failure(attempt: _Attempt) -> LastFailure | None:

@@ -688,6 +688,16 @@ class PodRuntime:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(run.proc.pid, sig)
 
+    def stop_all(self, sig: int) -> None:
+        """The runtime's stop signal (pod deletion): to each running container's main process only, as CRI's
+        StopContainer signals the container's PID 1 and not every process in it (a head pod's supervisor script
+        forwards it to the trainer while Ray keeps running). What else the container started goes when its main
+        process exits (_poll) or at the end of the grace period (SIGKILL to the group)."""
+        for run in self.all_runs():
+            if run.proc is not None and run.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(run.proc.pid, sig)
+
     def _poll(self) -> None:
         for run in self.all_runs():
             if run.proc is not None and main_exited(run.proc):
@@ -892,7 +902,7 @@ class PodRuntime:
             if grace is None:
                 grace = self.spec.get("terminationGracePeriodSeconds", 30)
             self.kill_deadline = now + float(grace)
-            self.signal_all(signal.SIGTERM)
+            self.stop_all(signal.SIGTERM)
             for run in self.all_runs():
                 if run.state == "running":
                     self.ctx.emit_event(

@@ -194,15 +194,18 @@ def _delete_cluster_objects(api: k8s.ApiClient, objects: list[tuple[str, str]]) 
 
 
 @contextlib.contextmanager
-def make_queue(cluster: DevCluster, namespace: str, *, quota: dict[str, str]) -> Iterator[Queue]:
-    """A ResourceFlavor (a node label + a toleration for a taint), a ClusterQueue with `quota`, a LocalQueue."""
-    install_crd(cluster)
+def make_queue(
+    cluster: DevCluster, namespace: str, *, quota: dict[str, str], labelled_flavor: bool = True
+) -> Iterator[Queue]:
+    """A ResourceFlavor (a node label + a toleration for a taint, unless `labelled_flavor` is False: any node), a
+    ClusterQueue with `quota`, a LocalQueue. The FineTuneJob CRD must be installed (`install_crd`)."""
     suffix = secrets.token_hex(3)
     flavor, cq = f"ft-flavor-{suffix}", f"ft-cq-{suffix}"
     api = cluster.api()
+    placement = {"nodeLabels": {FLAVOR_LABEL: flavor}, "tolerations": [FLAVOR_TOLERATION]}
     _cluster_object(api, "resourceflavors", {
         "apiVersion": kq.API_VERSION, "kind": "ResourceFlavor", "metadata": {"name": flavor},
-        "spec": {"nodeLabels": {FLAVOR_LABEL: flavor}, "tolerations": [FLAVOR_TOLERATION]},
+        "spec": placement if labelled_flavor else {},
     })  # fmt: skip
     _cluster_object(api, "clusterqueues", {
         "apiVersion": kq.API_VERSION, "kind": "ClusterQueue", "metadata": {"name": cq},
@@ -236,11 +239,12 @@ def make_queue(cluster: DevCluster, namespace: str, *, quota: dict[str, str]) ->
 
 @pytest.fixture
 def queue(cluster: DevCluster, kueue: Kueue, namespace: str) -> Iterator[Queue]:
+    install_crd(cluster)
     with make_queue(cluster, namespace, quota=QUOTA) as q:
         yield q
 
 
-def _priority_classes(q: Queue, **values: int) -> dict[str, str]:
+def priority_classes(q: Queue, **values: int) -> dict[str, str]:
     """WorkloadPriorityClasses with unique names (cluster-scoped); deleted with the queue."""
     suffix = secrets.token_hex(3)
     names_by_role = {}
@@ -301,7 +305,7 @@ def test_deleting_the_job_frees_its_quota(queue: Queue) -> None:
 
 
 def test_higher_priority_preempts_and_the_victim_is_readmitted_after_release(queue: Queue) -> None:
-    classes = _priority_classes(queue, low=100, high=1000)
+    classes = priority_classes(queue, low=100, high=1000)
     low = queue.submit("low", priority=classes["low"])
     queue.wait_state(low, kq.WorkloadState.ADMITTED)
     assert queue.get_workload(low)["spec"]["priority"] == 100
@@ -391,6 +395,7 @@ def _grant_kueue_rbac(cluster: DevCluster, namespace: str) -> str:
 
 @pytest.fixture
 def queued(cluster: DevCluster, kueue: Kueue, namespace: str) -> Iterator[Queued]:
+    install_crd(cluster)
     with contextlib.ExitStack() as stack:
         q = stack.enter_context(make_queue(cluster, namespace, quota=SMALL_QUOTA))
         node = contextlib.contextmanager(add_simulated_node)(
@@ -447,7 +452,7 @@ def test_operator_queues_the_second_job_until_the_first_succeeds(cluster: DevClu
 
 def test_operator_preemption_suspends_the_job_and_readmission_resumes_it(queued: Queued, cluster: DevCluster) -> None:
     jobs, namespace = queued.jobs, queued.queue.namespace
-    classes = _priority_classes(queued.queue, low=100, high=1000)
+    classes = priority_classes(queued.queue, low=100, high=1000)
     queued.submit("low", priority=classes["low"])
     jobs.wait_running_pods("low", 2, attempt=1)
     jobs.wait_phase("low", "Running")

@@ -280,7 +280,9 @@ def test_suspend_mid_run_then_resume_continues_from_checkpoint(
     checkpoint = run.wait_checkpoint_mid_run()
     run.jobs.patch("susp", {"suspend": True})
     run.poll(lambda s: s.get("phase") == "Suspended", timeout=60, what="Suspended")
-    run.jobs.wait_no_pods("susp", timeout=90)
+    # The head drains first (its workers checkpoint at the next step, Ray Train registers it, the run ends), then
+    # the workers go: bounded by the head's grace period (stop_drain_seconds + 30 s) plus the workers' 30 s.
+    run.jobs.wait_no_pods("susp", timeout=240)
     kept = run.registered_steps()
     assert kept and kept[-1] >= checkpoint, kept  # checkpoints survive the suspension
     run.jobs.patch("susp", {"suspend": False})

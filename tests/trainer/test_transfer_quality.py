@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -19,7 +20,7 @@ import pytest
 import torch
 import yaml
 from finetune_trainer import artifacts, cli, storage
-from finetune_trainer.contract import MANIFEST, SUCCEEDED, ExitCode, Metric, Reason, parse_report
+from finetune_trainer.contract import MANIFEST, STOP_DRAIN_ENV, SUCCEEDED, ExitCode, Metric, Reason, parse_report
 from finetune_trainer.driver import preflight
 from finetune_trainer.features import load_probe
 from finetune_trainer.metrics import TrainerMetrics
@@ -247,3 +248,40 @@ def test_sigterm_reports_interrupted_with_the_log_of_attempt_n(
     assert err.strip().splitlines()[-1] == (tmp_path / "term").read_text().strip()
     assert report.log_uri == str(out / "logs" / "attempt-3.log") and report.log_tail
     assert "Interrupted" in (out / "logs" / "attempt-3.log").read_text()
+
+
+@pytest.mark.timeout(420)
+def test_sigterm_with_a_drain_budget_checkpoints_the_next_step(
+    ray_cluster: RayCluster, tiny_models: dict[str, Path], sst_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """What the operator's head pod does on suspend/preemption (FINETUNE_STOP_DRAIN_SECONDS): SIGTERM has both
+    workers write a checkpoint at their next step, Ray Train registers it, and the driver exits Interrupted."""
+    out = tmp_path / "out"
+    spec = cls_spec(
+        tiny_models["distilbert"], sst_data, strategy="full", output={"uri": str(out)},
+        hyperparameters={"batchSize": 2, "maxSteps": 400, "epochs": 10, "learningRate": "1e-4"},
+        checkpoint={"everySteps": 20, "keep": 2}, resources={"workers": 2, "cpusPerWorker": "1"},
+    )  # fmt: skip
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_manifest(name="drain-me", spec=spec)))
+    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"), STOP_DRAIN_ENV: "120"}
+    cmd = [str(VENV_BIN / "finetune"), "train", "--config", str(job), "--attempt", "1", "--metrics-port", "0",
+           "--ray-address", ray_cluster.address]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not registered_steps(out / "checkpoints" / "drain-me"):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.2)
+    before = max(registered_steps(out / "checkpoints" / "drain-me"))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == ExitCode.INTERRUPTED, err[-3000:]
+    report = parse_report(err)
+    assert report is not None and report.reason == Reason.INTERRUPTED.value, err[-3000:]
+    match = re.search(r"stopped on SIGTERM at step (\d+) after writing a checkpoint", report.message)
+    assert match is not None, report.message
+    stopped = int(match.group(1))
+    registered = registered_steps(out / "checkpoints" / "drain-me")
+    print(f"[drain] registered before SIGTERM: step {before}; stopped at step {stopped}; registered {registered}")
+    assert stopped > before and max(registered) == stopped, (before, stopped, registered)

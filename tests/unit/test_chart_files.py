@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from finetune_operator.crd import build_crd
@@ -75,3 +76,11 @@ def test_dashboard_is_valid_grafana_json() -> None:
         titles = " ".join(p["title"].lower() for p in dashboard["panels"])
         for topic in ("phase", "duration", "reason", "step", "loss", "eval"):
             assert topic in titles, f"{path.name}: no panel about {topic}"
+
+
+def test_the_charts_default_values_meet_its_schema() -> None:
+    """helm refuses an install whose values break values.schema.json (additionalProperties: false), so a value
+    added to values.yaml without the schema breaks every install."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.validate(values, schema)

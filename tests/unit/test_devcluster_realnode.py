@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import tomllib
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from devcluster import kwok
+from devcluster import kwok, realnode
+from devcluster.cluster import renewed_since
 from devcluster.network import MAX_REAL_NODES, NetConfig
 from devcluster.nodeconfig import (
     CLUSTER_DNS,
@@ -182,3 +184,23 @@ def test_end_pod_status(case: EndCase) -> None:
     assert first["state"]["terminated"].get("message") == case.first_message
     assert "message" not in second["state"]["terminated"]
     assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "False", "ContainersReady": "False"}
+
+
+@pytest.mark.parametrize(
+    ("lease", "renewed"),
+    [
+        ({"spec": {"renewTime": "2026-12-07T21:30:01.500000Z"}}, True),
+        ({"spec": {"renewTime": "2026-12-07T21:29:59.000000Z"}}, False),
+        ({"spec": {}}, False),
+        ({}, False),
+    ],
+    ids=["after", "before", "never", "no-spec"],
+)
+def test_a_restarted_kubelet_is_back_once_it_renewed_its_lease(lease: dict[str, Any], renewed: bool) -> None:
+    since = dt.datetime(2026, 12, 7, 21, 30, 0, tzinfo=dt.UTC)
+    assert renewed_since(lease, since) is renewed
+
+
+def test_only_node_daemons_restart_in_place(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot be restarted"):
+        realnode.restart_component("node-0", "init", pid_dir=tmp_path, log_dir=tmp_path, die_with_caller=False)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from finetune_operator import builders, names
 from finetune_operator.settings import Settings
+from finetune_trainer import contract
 from finetune_trainer import spec as ftspec
 from finetune_trainer.shape import head_shape, worker_shape
 
@@ -294,3 +295,20 @@ def test_cluster_jobs_refuse_local_output_but_finetune_run_accepts_it(uri: str) 
         _spec(output={"uri": uri})
     assert error.value.errors[0][0] == "spec.output.uri" and "s3://" in error.value.errors[0][1]
     assert ftspec.parse_spec({**BASE, "output": {"uri": uri}}).output.uri == uri  # `finetune run` reads it as is
+
+
+@pytest.mark.parametrize(
+    ("drain", "env", "grace"),
+    [(90, "90", 90 + contract.STOP_DRAIN_MARGIN_SECONDS), (0, None, None)],
+    ids=["drain", "no-drain"],
+)
+def test_the_head_gets_the_drain_budget_and_a_grace_period_that_covers_it(
+    drain: int, env: str | None, grace: int | None
+) -> None:
+    settings = SETTINGS.model_copy(update={"stop_drain_seconds": drain})
+    rendered = builders.build_children(_spec(), settings=settings, ident=IDENT)
+    assert _env(rendered.head).get(contract.STOP_DRAIN_ENV) == env
+    assert rendered.head["spec"].get("terminationGracePeriodSeconds") == grace
+    for worker in rendered.workers:  # deleted only once the head stopped: Kubernetes' default is enough
+        assert contract.STOP_DRAIN_ENV not in _env(worker)
+        assert "terminationGracePeriodSeconds" not in worker["spec"]

@@ -380,3 +380,14 @@ def test_queued_time_is_observed_once_per_admission(
     assert f"finetune_job_queued_seconds_count {float(count)}" in text
     if count:
         assert "finetune_job_queued_seconds_sum 30.0" in text
+
+
+def test_an_evicted_job_drains_its_head_first_and_keeps_the_quota_until_no_pod_is_left() -> None:
+    plan = st.calculate(obs(admitted_status(), EVICTED_WL, running_cluster(), drain_on_stop=True))
+    assert plan.status.phase is Phase.QUEUED and plan.status.reason == "Preempted"
+    assert [p.name for p in plan.actions.delete_pods] == ["job-a1-head"] and not plan.actions.delete_cluster
+    assert plan.actions.workload is not None and plan.actions.workload.status_patch is None  # quota still held
+    exited = running_cluster(deleting=True, phase="Failed", container=terminated(7))
+    after = st.calculate(obs(plan.status, EVICTED_WL, exited, drain_on_stop=True))
+    assert after.actions.delete_cluster
+    assert after.actions.workload is not None and after.actions.workload.status_patch is None

@@ -515,3 +515,58 @@ def test_pod_view_reads_the_real_reasons() -> None:
 def test_unreadable_status_is_treated_as_empty() -> None:
     assert st.parse_status({"phase": "Exploded"}) == Status()
     assert st.parse_status(None) == Status()
+
+
+@dataclasses.dataclass(frozen=True)
+class StopCase:
+    name: str
+    pods: tuple[ob.PodView, ...]
+    drain: bool
+    delete_pods: tuple[str, ...] = ()
+    delete_cluster: bool = False
+
+
+STOP_CASES = [
+    StopCase("no drain: everything at once", running_cluster(), False, delete_cluster=True),
+    StopCase("drain: the head first, the workers stay", running_cluster(), True, delete_pods=("job-a1-head",)),
+    StopCase("drain: the head is stopping, wait for it", running_cluster(deleting=True), True),
+    StopCase(
+        "drain: the head's container exited, the rest goes",
+        running_cluster(deleting=True, phase="Failed", container=terminated(7)),
+        True,
+        delete_cluster=True,
+    ),
+    StopCase("drain: the head is gone, the rest goes", running_cluster()[1:], True, delete_cluster=True),
+    StopCase(
+        "drain: a pending head goes first too",
+        running_cluster(phase="Pending", ready=False),
+        True,
+        delete_pods=("job-a1-head",),
+    ),
+    StopCase(
+        "drain: all pods already deleting",
+        tuple(dataclasses.replace(p, deleting=True) for p in running_cluster()[1:]),
+        True,
+    ),
+    StopCase("nothing left", (), True),
+]
+
+
+@pytest.mark.parametrize("case", STOP_CASES, ids=lambda c: c.name)
+def test_stop_cluster_lets_the_head_checkpoint_before_its_workers_go(case: StopCase) -> None:
+    actions = st.stop_cluster(case.pods, drain=case.drain)
+    assert tuple(p.name for p in actions.delete_pods) == case.delete_pods
+    assert actions.delete_cluster is case.delete_cluster
+
+
+def test_suspend_with_drain_stops_the_head_first_and_the_rest_once_it_exited() -> None:
+    suspended = spec(suspend=True)
+    first = st.calculate(observe(status(Phase.RUNNING), running_cluster(), the_spec=suspended, drain_on_stop=True))
+    assert first.status.phase is Phase.SUSPENDED
+    assert [p.name for p in first.actions.delete_pods] == ["job-a1-head"] and not first.actions.delete_cluster
+    draining = running_cluster(deleting=True)
+    second = st.calculate(observe(first.status, draining, the_spec=suspended, drain_on_stop=True))
+    assert second.status.phase is Phase.SUSPENDED and second.actions == st.Actions()
+    exited = running_cluster(deleting=True, phase="Failed", container=terminated(7))
+    third = st.calculate(observe(second.status, exited, the_spec=suspended, drain_on_stop=True))
+    assert third.actions.delete_cluster and third.status.phase is Phase.SUSPENDED

@@ -353,6 +353,41 @@ def test_last_failure_without_a_report_uses_kubernetes_and_the_log_tail() -> Non
     assert failure.log_tail == ["loading model", "tokenizing 10000 rows"] and failure.log_uri is None
 
 
+@dataclasses.dataclass(frozen=True)
+class ExitCase:
+    name: str
+    container: ContainerView
+    reason: str
+    says: tuple[str, ...] = ()
+
+
+EXIT_CASES = [
+    # crictl stop --timeout 0 on the real node: containerd says "Error", exit 137, and no report (issue 9)
+    ExitCase("sigkill", terminated(137), "KilledBySignal", ("by SIGKILL (exit code 137), not by the OOM killer",)),
+    ExitCase("sigkill-oom", terminated(137, reason="OOMKilled"), "OOMKilled", ("raise spec.resources.head.memory",)),
+    ExitCase("sigsegv", terminated(139), "KilledBySignal", ("killed by SIGSEGV (exit code 139)", "native code")),
+    ExitCase("sigterm-no-report", terminated(143), "KilledBySignal", ("SIGTERM", "did not get to report")),
+    ExitCase("sigabrt-with-message", terminated(134, message="Aborted"), "KilledBySignal", ("SIGABRT", ": Aborted")),
+    ExitCase("contract-exit", terminated(6), "TrainingError", ("exited with code 6",)),
+    ExitCase("unknown-exit", terminated(1), "TrainerExited", ("exited with code 1",)),
+    ExitCase("not-a-signal", terminated(255), "TrainerExited", ("exited with code 255",)),
+    ExitCase(
+        "report-wins",
+        terminated(137, message=contract.failure_line(contract.Reason.INTERRUPTED, "SIGTERM")),
+        "Interrupted",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", EXIT_CASES, ids=[c.name for c in EXIT_CASES])
+def test_a_container_ended_without_a_report_gets_a_truthful_reason(case: ExitCase) -> None:
+    head = pod("head", phase="Failed", ready=False, container=case.container)
+    failure = st.failure_of(head, now=ts(10))
+    assert failure.reason == case.reason, failure
+    assert all(text in failure.message for text in case.says), failure.message
+    assert reasons.retryable(failure.reason) or case.reason == "InvalidSpec"
+
+
 def test_worker_oom_is_recorded_while_the_job_keeps_running() -> None:
     oom = pod("worker", index=1, phase="Failed", ready=False, container=terminated(137, reason="OOMKilled"))
     plan = st.calculate(observe(running_since_start(), (*running_cluster()[:2], oom)))

@@ -64,6 +64,11 @@ def checkpoint_uri(ctx: WorkerContext, step: int) -> str:
     return f"{ctx.output_uri.rstrip('/')}/{CHECKPOINTS_DIR}/{ctx.run_name}/{checkpoint_name(step)}"
 
 
+def announcement(ctx: WorkerContext, step: int, at: float) -> dict[str, Any]:
+    """What the driver's board gets for the latest committed checkpoint (the status's `checkpoint`)."""
+    return {"last_checkpoint_step": step, "last_checkpoint_time": at, "checkpoint_uri": checkpoint_uri(ctx, step)}
+
+
 @contextmanager
 def written(ctx: WorkerContext, trainee: Trainee, progress: Progress) -> Iterator[ray.train.Checkpoint | None]:
     """A checkpoint directory with this step's state (rank 0), or None on the other ranks."""

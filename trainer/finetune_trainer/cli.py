@@ -24,6 +24,7 @@ from finetune_trainer import signals
 from finetune_trainer.contract import (
     DEFAULT_METRICS_PORT,
     MANIFEST,
+    STOP_DRAIN_ENV,
     SUCCEEDED,
     TERMINATION_MESSAGE_PATH,
     ExitCode,
@@ -56,6 +57,7 @@ def _write_termination_message(line: str) -> None:
 def _finish(report: TrainerReport, code: ExitCode, driver_log: DriverLog | None) -> int:
     """Upload this attempt's log (best effort), then write the report as the last stderr line and the
     termination message. The report names the log only if the upload worked."""
+    signals.disarm()  # the run is over: a drain timer must not cut the report
     if driver_log is not None:
         report = dataclasses.replace(report, log_uri=driver_log.uri())
         if report.log_uri is not None and not driver_log.upload(last_line=report.to_line()):
@@ -109,9 +111,15 @@ def _outcome_fields(outcome: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def guarded(body: Callable[[], RunResult], *, verbose: bool, driver_log: DriverLog | None = None) -> int:
+def guarded(
+    body: Callable[[], RunResult],
+    *,
+    verbose: bool,
+    driver_log: DriverLog | None = None,
+    stop: signals.StopRequest | None = None,
+) -> int:
     """Run an entry point body and map every outcome onto the exit contract (report line last)."""
-    signals.install()
+    signals.install(stop)
     try:
         result = body()
     except SpecError as e:
@@ -123,10 +131,10 @@ def guarded(body: Callable[[], RunResult], *, verbose: bool, driver_log: DriverL
     except SystemExit as e:  # a library calling sys.exit() must not turn into a silent exit 0
         return _fail(TrainingError(f"exited early (sys.exit({e.code!r})) before the manifest was written"), driver_log)
     except KeyboardInterrupt as e:
-        stop = InterruptedRunError(
+        interrupted = InterruptedRunError(
             f"interrupted ({e or 'SIGTERM or SIGINT'}); checkpoints are kept: relaunch with the same run name to resume"
         )
-        return _fail(stop, driver_log)
+        return _fail(interrupted, driver_log)
     except Exception as e:  # the last resort: still honour the contract
         traceback.print_exc()
         return _fail(TrainingError(f"unexpected {type(e).__name__}: {e}"), driver_log)
@@ -205,6 +213,7 @@ def train_main(argv: Sequence[str]) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(list(argv))
     driver_log = DriverLog(attempt=args.attempt)
+    stop = signals.StopRequest.from_env(os.environ, STOP_DRAIN_ENV)  # set by the operator on the head pod
 
     def body() -> RunResult:
         job = load_job(args.config)
@@ -219,7 +228,7 @@ def train_main(argv: Sequence[str]) -> int:
         # Exactly what each worker pod advertises to Ray (the operator starts it from the same shape).
         shape = worker_shape(spec.resources)
         ray.init(address=args.ray_address, log_to_driver=True, logging_level=logging.WARNING)
-        signals.install()  # ray.init replaced it
+        signals.install(stop)  # ray.init replaced it
         try:
             result = run_training(
                 spec,
@@ -233,6 +242,7 @@ def train_main(argv: Sequence[str]) -> int:
                     max_failures=args.max_failures,
                     resource_wait_seconds=args.resource_wait_seconds,
                     metrics=metrics,
+                    stop=stop,
                 ),
             )
         finally:
@@ -243,4 +253,4 @@ def train_main(argv: Sequence[str]) -> int:
 
     with driver_log.capture():
         _logging(args.verbose)
-        return guarded(body, verbose=args.verbose, driver_log=driver_log)
+        return guarded(body, verbose=args.verbose, driver_log=driver_log, stop=stop)

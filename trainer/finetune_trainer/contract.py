@@ -24,6 +24,7 @@ class ExitCode(IntEnum):
     TRAINING_ERROR = 6
     INTERRUPTED = 7
     QUALITY_GATE_FAILED = 8
+    OOM_KILLED = 9
 
 
 class Reason(StrEnum):
@@ -36,6 +37,10 @@ class Reason(StrEnum):
     TRAINING_ERROR = "TrainingError"
     INTERRUPTED = "Interrupted"
     QUALITY_GATE_FAILED = "QualityGateFailed"  # the model missed spec.output.minMetric; kept under rejected/
+    # A training process was killed for memory inside its container (the kernel's OOM killer on a process that is
+    # not the container's PID 1, or Ray's memory monitor): the pod itself never shows OOMKilled. The operator
+    # writes the same reason for a container the runtime marked OOMKilled (reasons.OOM_KILLED is this value).
+    OOM_KILLED = "OOMKilled"
 
 
 REASON_BY_EXIT_CODE: dict[ExitCode, Reason] = {
@@ -46,6 +51,7 @@ REASON_BY_EXIT_CODE: dict[ExitCode, Reason] = {
     ExitCode.TRAINING_ERROR: Reason.TRAINING_ERROR,
     ExitCode.INTERRUPTED: Reason.INTERRUPTED,
     ExitCode.QUALITY_GATE_FAILED: Reason.QUALITY_GATE_FAILED,
+    ExitCode.OOM_KILLED: Reason.OOM_KILLED,
 }
 EXIT_CODE_BY_REASON: dict[Reason, ExitCode] = {reason: code for code, reason in REASON_BY_EXIT_CODE.items()}
 
@@ -163,6 +169,14 @@ def parse_failure_line(text: str) -> tuple[str, str] | None:
     if report is None or report.reason == SUCCEEDED:
         return None
     return report.reason, report.message
+
+
+# ---- Stopping on request (suspend, Kueue preemption): the head's SIGTERM ----
+# Seconds the driver may spend, after SIGTERM, having the workers write a checkpoint at their next step before it
+# stops (exit 7, Interrupted); unset or 0: it stops at once. The operator sets it on the head pod and gives the pod
+# a grace period STOP_DRAIN_MARGIN_SECONDS longer (the log upload and Ray's shutdown come after).
+STOP_DRAIN_ENV = "FINETUNE_STOP_DRAIN_SECONDS"
+STOP_DRAIN_MARGIN_SECONDS = 30
 
 
 # ---- Prometheus metrics exposed by the trainer driver (rank-0 process on the Ray head) ----

@@ -21,8 +21,9 @@ from typing import Any
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from finetune_trainer import artifacts, data, sources, storage
+from finetune_trainer import artifacts, data, oom, signals, sources, storage
 from finetune_trainer.contract import CHECKPOINTS_DIR, MANIFEST, TrainerPhase
 from finetune_trainer.errors import (
     InterruptedRunError,
@@ -31,9 +32,10 @@ from finetune_trainer.errors import (
     TrainerError,
     TrainingError,
     classify_failure,
+    find_trainer_error,
 )
 from finetune_trainer.metrics import TrainerMetrics
-from finetune_trainer.progress import ProgressBoard
+from finetune_trainer.progress import ProgressBoard, should_drain
 from finetune_trainer.spec import FineTuneJobSpec
 from finetune_trainer.train_loop import train_func
 
@@ -58,6 +60,7 @@ class RunOptions:
     on_progress: ProgressCallback | None = None
     poll_seconds: float = 1.0
     extra_config: dict[str, Any] = field(default_factory=dict)
+    stop: signals.StopRequest | None = None  # SIGTERM with a drain budget: checkpoint at the next step, then stop
 
 
 @dataclass(frozen=True)
@@ -123,17 +126,38 @@ def wait_for_resources(*, workers: int, cpus: float, gpus: int, timeout: float) 
 
 
 class _Poller:
-    """Copies the ProgressBoard into the metrics and the progress callback about once a second."""
+    """Copies the ProgressBoard into the metrics and the progress callback about once a second, and passes a stop
+    request (SIGTERM with a drain budget) on to the workers through the board."""
 
     def __init__(self, board: Any, options: RunOptions) -> None:
         self.board, self.options = board, options
         self.stop = threading.Event()
+        self.stop_passed = False
         self.last: dict[str, Any] = {}
         self.thread = threading.Thread(target=self._run, name="finetune-progress", daemon=True)
 
     def _run(self) -> None:
         while not self.stop.wait(self.options.poll_seconds):
             self.poll()
+            self.pass_stop()
+
+    def pass_stop(self) -> None:
+        """Once SIGTERM asked for a drain: the workers checkpoint at their next step if the loop runs; else there is
+        nothing to wait for and the driver stops now."""
+        request = self.options.stop
+        if request is None or self.stop_passed or not request.requested.is_set():
+            return
+        self.stop_passed = True
+        if should_drain(self.last):
+            log.warning("SIGTERM: the workers checkpoint at their next step, then stop (within %.0fs)",
+                        request.drain_seconds)  # fmt: skip
+            try:
+                self.board.request_stop.remote()
+            except Exception:  # no board: the drain timer ends the run
+                log.warning("could not reach the progress board; stopping when the drain time is up")
+            return
+        log.warning("SIGTERM while %s: nothing to checkpoint, stopping now", self.last.get("phase", "starting"))
+        signals.interrupt_now()
 
     def poll(self) -> None:
         try:
@@ -147,6 +171,54 @@ class _Poller:
                 self.options.metrics.set_info(strategy=str(snap["strategy"]), task=str(snap["task"]))
         if self.options.on_progress is not None:
             self.options.on_progress(snap)
+
+
+class MemoryProbe:
+    """Reads the memory cgroup of every Ray node's container (oom.py) when the run starts and when it fails, so a
+    training process the kernel killed for memory is reported as OOMKilled. The first reading runs in the
+    background (zero-CPU tasks pinned to each node); it is only awaited if the run fails."""
+
+    def __init__(self, *, timeout: float = 20.0) -> None:
+        self.timeout = timeout
+        self.head_node = str(ray.get_runtime_context().get_node_id())
+        self.before = self._launch()
+
+    @staticmethod
+    def _launch() -> dict[str, Any]:
+        read = ray.remote(num_cpus=0, max_retries=0)(oom.read_node_memory)
+        refs: dict[str, Any] = {}
+        for node in ray.nodes():  # type: ignore[no-untyped-call]
+            if node.get("Alive"):
+                where = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+                refs[str(node["NodeID"])] = read.options(scheduling_strategy=where).remote()
+        return refs
+
+    def _resolve(self, refs: dict[str, Any], deadline: float) -> dict[str, oom.NodeMemory]:
+        out: dict[str, oom.NodeMemory] = {}
+        for node, ref in refs.items():
+            try:
+                out[node] = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except Exception as e:  # a node that died with the run, or no answer in time: no evidence from it
+                log.warning("memory of Ray node %s not readable: %s", node[:8], type(e).__name__)
+        return out
+
+    def kills(self) -> list[oom.OomKills]:
+        """Nodes whose OOM-kill counter rose since the start (best effort: [] when nothing can be read)."""
+        try:
+            after_refs = self._launch()
+            deadline = time.monotonic() + self.timeout
+            before, after = self._resolve(self.before, deadline), self._resolve(after_refs, deadline)
+        except Exception as e:
+            log.warning("could not read the nodes' memory cgroups: %s", e)
+            return []
+        return oom.kills_during(before, after, head_node=self.head_node)
+
+
+def classified(error: BaseException, probe: MemoryProbe | None) -> TrainerError:
+    """The contract's error for a failed run; the memory probe is asked only when no worker raised a domain error."""
+    if find_trainer_error(error) is not None or probe is None:
+        return classify_failure(error)
+    return classify_failure(error, oom_kills=probe.kills())
 
 
 def checkpoint_storage(output: storage.Location) -> tuple[str, Any]:
@@ -171,6 +243,7 @@ def run_training(spec: FineTuneJobSpec, *, options: RunOptions) -> RunResult:
         timeout=options.resource_wait_seconds,
     )
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    probe = MemoryProbe()
     storage_path, storage_fs = checkpoint_storage(output)
     resources: dict[str, float] = {"CPU": options.cpus_per_worker}
     if options.gpus_per_worker:
@@ -207,14 +280,19 @@ def run_training(spec: FineTuneJobSpec, *, options: RunOptions) -> RunResult:
     except SystemExit as e:  # Ray Train's own SIGINT handler aborts the run and may call sys.exit(0)
         raise InterruptedRunError("training was aborted (SIGINT); relaunch with the same run name to resume") from e
     except Exception as e:
-        raise classify_failure(e) from e
+        raise classified(e, probe) from e
     finally:
         poller.stop.set()
         poller.thread.join(timeout=5)
         poller.poll()
     if result.error is not None:
-        raise classify_failure(result.error) from result.error
+        raise classified(result.error, probe) from result.error
     final: dict[str, Any] = dict(result.metrics or {})
+    if not final.get("done") and options.stop is not None and options.stop.requested.is_set():
+        raise InterruptedRunError(
+            f"stopped on SIGTERM at step {final.get('step', 0)} after writing a checkpoint there; relaunch with the "
+            "same run name to resume from it"
+        )
     if not final.get("done"):
         # fit() returns without an error and without the final report only when the run was aborted.
         raise InterruptedRunError(

@@ -9,8 +9,10 @@ Train worker arrives at the driver with its reason intact.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from finetune_trainer import oom
 from finetune_trainer.contract import EXIT_CODE_BY_REASON, ExitCode, Reason
 
 
@@ -85,7 +87,19 @@ class InterruptedRunError(TrainerError):
     reason = Reason.INTERRUPTED
 
 
-def _find_trainer_error(error: BaseException) -> TrainerError | None:
+class OomKilledError(TrainerError):
+    """A training process was killed for memory inside its container (oom.py: how that is known)."""
+
+    reason = Reason.OOM_KILLED
+
+
+# Where Ray Train and Ray keep the errors behind an error: worker_failures (rank -> error) of WorkerGroupError,
+# controller_failure, a dead worker's health_check_failure, RayTaskError's cause, and Python's own chain.
+_NESTED = ("controller_failure", "health_check_failure", "cause", "__cause__", "__context__")
+
+
+def walk(error: BaseException) -> Iterator[BaseException]:
+    """The error and every error behind it, each once."""
     seen: set[int] = set()
     stack: list[BaseException] = [error]
     while stack:
@@ -93,23 +107,40 @@ def _find_trainer_error(error: BaseException) -> TrainerError | None:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, TrainerError):
-            return current
+        yield current
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
             stack.extend(f for f in failures.values() if isinstance(f, BaseException))
-        for attr in ("controller_failure", "cause", "__cause__", "__context__"):
+        for attr in _NESTED:
             nested = getattr(current, attr, None)
             if isinstance(nested, BaseException):
                 stack.append(nested)
+
+
+def find_trainer_error(error: BaseException) -> TrainerError | None:
+    return next((e for e in walk(error) if isinstance(e, TrainerError)), None)
+
+
+def ray_memory_monitor_kill(error: BaseException) -> str | None:
+    """The line of Ray's words saying its memory monitor killed a worker, if any error behind `error` has them."""
+    for current in walk(error):
+        text = str(current)
+        if type(current).__name__ == "OutOfMemoryError" or any(m in text for m in oom.RAY_MEMORY_MONITOR_MARKS):
+            lines = [line for line in text.splitlines() if any(m in line for m in oom.RAY_MEMORY_MONITOR_MARKS)]
+            return (lines or text.splitlines() or [""])[0]
     return None
 
 
-def classify_failure(error: BaseException) -> TrainerError:
-    """A Ray Train failure as the domain error a worker raised, else TrainingError with the first error line."""
-    found = _find_trainer_error(error)
+def classify_failure(error: BaseException, *, oom_kills: Sequence[oom.OomKills] = ()) -> TrainerError:
+    """A Ray Train failure as the domain error a worker raised; else OOMKilled when Ray's memory monitor or the
+    kernel's OOM killer (oom_kills: counters that rose during the run) killed a training process; else
+    TrainingError with the first error line."""
+    found = find_trainer_error(error)
     if found is not None:
         return found
+    ray_kill = ray_memory_monitor_kill(error)
+    if oom_kills or ray_kill is not None:
+        return OomKilledError(oom.oom_message(list(oom_kills), ray_detail=ray_kill))
     failures = getattr(error, "worker_failures", None)
     if isinstance(failures, dict) and failures:
         rank, first = sorted(failures.items())[0]

@@ -18,7 +18,7 @@ from typing import Any
 
 import ray.train
 
-from finetune_trainer import artifacts, checkpoints, evaluation, features, storage
+from finetune_trainer import artifacts, checkpoints, commits, evaluation, features, storage
 from finetune_trainer.checkpoints import Progress
 from finetune_trainer.contract import (
     ADAPTER_DIR,
@@ -139,6 +139,8 @@ def finish(ctx: WorkerContext, inputs: Inputs, loop: Loop, *, summary_base: dict
         "baseline": state.baseline,
     }
     files = publish(ctx, inputs, loop.trainee, summary=summary, history=state.history) if ctx.is_chief else []
+    if loop.checkpointer is not None and loop.checkpointer.commits is not None:
+        loop.checkpointer.commits.drain(timeout=commits.COMMIT_WAIT_S * 3)  # the last checkpoint shows at the end
     done = {"step": state.step, "done": True, "final": kept.metrics, "summary": summary, "files": files}
     with tempfile.TemporaryDirectory(prefix="ftdone-") as tmp:
         done_ckpt = None

@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 import ray.train
 import torch
 from torch import nn
 
-from finetune_trainer import checkpoints, evaluation, strategies
+from finetune_trainer import checkpoints, commits, evaluation, strategies
 from finetune_trainer.checkpoints import Progress
 from finetune_trainer.contract import TrainerPhase
 from finetune_trainer.errors import TrainingError
@@ -55,10 +56,13 @@ class EvalPolicy:
 
 
 class Checkpointer:
-    """The job's model reports to Ray Train (a barrier on every rank) and checkpoints every N steps."""
+    """The job's model reports to Ray Train (a barrier on every rank) and checkpoints every N steps; rank 0 announces
+    a checkpoint to the driver once Ray Train has committed it (commits.py says why not before)."""
 
     def __init__(self, ctx: WorkerContext, *, every_steps: int) -> None:
         self.ctx, self.every_steps = ctx, every_steps
+        chief = ctx.is_chief
+        self.commits = commits.CommitWatch(fetch=committed_checkpoints, announce=self.announce) if chief else None
 
     def due(self, step: int, total: int) -> bool:
         return step % self.every_steps == 0 and step < total
@@ -71,18 +75,71 @@ class Checkpointer:
             return
         with checkpoints.written(self.ctx, trainee, progress) as ckpt:
             ray.train.report(values, checkpoint=ckpt, checkpoint_dir_name=checkpoints.checkpoint_name(state.step))
-        self.ctx.board.push(
-            {
-                "last_checkpoint_step": state.last_checkpoint_step,
-                "last_checkpoint_time": state.last_checkpoint_time,
-                "checkpoint_uri": checkpoints.checkpoint_uri(self.ctx, state.last_checkpoint_step),
-            },
-            force=True,
-        )
+        if self.commits is not None:
+            self.commits.reported(state.last_checkpoint_step, state.last_checkpoint_time)
+
+    def announce(self, step: int, at: float) -> None:
+        self.ctx.board.push(checkpoints.announcement(self.ctx, step, at), force=True)
+
+
+def committed_checkpoints(wait_s: float) -> list[dict[str, Any]]:
+    """The metrics of every checkpoint Ray Train's controller has committed, once it has processed the reports in
+    flight (at most wait_s later)."""
+    reported = ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=wait_s
+    )
+    return [dict(r.metrics) for r in reported]
+
+
+class StopPoll:
+    """Whether the driver asked for a checkpoint and a stop (SIGTERM on the head with a drain budget), as one answer
+    for every rank.
+
+    Rank 0 asks the ProgressBoard without waiting: one request in flight, looked at once per step. The ranks then
+    agree with an all-reduce (max), so that all of them checkpoint at the same step (`ray.train.report` is a
+    barrier) and leave the loop together. Called once per step on every rank.
+    """
+
+    def __init__(self, board: Any, ctx: WorkerContext) -> None:
+        self.board = board if ctx.is_chief else None
+        self.device, self.world = ctx.device, ctx.world
+        self.pending: Any = None
+
+    def __call__(self) -> bool:
+        asked = self._ask_board()
+        if self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1 if asked else 0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            asked = bool(flag.item())
+        return asked
+
+    def _ask_board(self) -> bool:
+        if self.board is None:
+            return False
+        try:
+            if self.pending is None:
+                self.pending = self.board.stop_requested.remote()
+            ready, _ = ray.wait([self.pending], timeout=0)
+            if not ready:
+                return False
+            answer, self.pending = bool(ray.get(self.pending)), None
+        except Exception:  # the board is best effort: without it, training goes on (and SIGTERM still stops it)
+            self.board = None
+            return False
+        return answer
+
+
+def stop_needs_checkpoint(*, saved: bool, last: bool, stopped_early: bool) -> bool | None:
+    """On a stop request after a step: None = ignore it (the run ends after this step anyway), else whether a
+    checkpoint must be written before leaving the loop (False when this step's periodic one was just written)."""
+    if last or stopped_early:
+        return None
+    return not saved
 
 
 class Loop:
-    """Trains one trainee until its step budget is spent or early stopping ends it."""
+    """Trains one trainee until its step budget is spent, early stopping ends it, or the driver asks it to stop
+    (`stop`: then it checkpoints and leaves, `stopped_on_request`)."""
 
     def __init__(
         self,
@@ -93,9 +150,11 @@ class Loop:
         policy: EvalPolicy,
         checkpointer: Checkpointer | None,
         step_offset: int = 0,
+        stop: StopPoll | None = None,
     ) -> None:
         self.ctx, self.trainee, self.progress, self.policy = ctx, trainee, progress, policy
-        self.checkpointer, self.step_offset = checkpointer, step_offset
+        self.checkpointer, self.step_offset, self.stop = checkpointer, step_offset, stop
+        self.stopped_on_request = False
         self.window = _Window()
         self.first_step_pushed = False
         # Where the worker's time goes (bench/overhead.py prints it): optimizer steps, evaluations, reports.
@@ -124,7 +183,7 @@ class Loop:
         budget = self.trainee.budget
         self.started, self.started_at = time.monotonic(), time.time()
         self.trainee.model.train()
-        while self.state.step < budget.total_steps and not self.state.stopped_early:
+        while self.state.step < budget.total_steps and not self.state.stopped_early and not self.stopped_on_request:
             epoch = self.state.step // budget.steps_per_epoch
             self.trainee.sampler.set_epoch(epoch)
             for micro in self._micro_batches(epoch):
@@ -169,14 +228,32 @@ class Loop:
         every = self.policy.every_steps
         due_eval = state.step % every == 0 if every is not None else at_epoch_end
         metrics = self.evaluate() if due_eval else {}
+        saved = False
         if self.checkpointer is not None:
             due_ckpt = self.checkpointer.due(state.step, budget.total_steps)
             if due_ckpt or metrics:
-                started = time.monotonic()
-                save = due_ckpt and not state.stopped_early
-                self.checkpointer.report(self.trainee, self.progress, metrics, save=save)
-                self.report_seconds += time.monotonic() - started
-        return last or state.stopped_early or at_epoch_end
+                saved = due_ckpt and not state.stopped_early
+                self._report(metrics, save=saved)
+        if self.stop is not None and self.checkpointer is not None and self.stop():
+            self._stop_on_request(saved=saved, last=last)
+        return last or state.stopped_early or at_epoch_end or self.stopped_on_request
+
+    def _report(self, metrics: dict[str, float], *, save: bool) -> None:
+        assert self.checkpointer is not None
+        started = time.monotonic()
+        self.checkpointer.report(self.trainee, self.progress, metrics, save=save)
+        self.report_seconds += time.monotonic() - started
+
+    def _stop_on_request(self, *, saved: bool, last: bool) -> None:
+        """The driver asked to stop (SIGTERM on the head): checkpoint this step unless just done, then leave."""
+        needed = stop_needs_checkpoint(saved=saved, last=last, stopped_early=self.state.stopped_early)
+        if needed is None:
+            return
+        if needed:
+            self._report({}, save=True)
+        self.stopped_on_request = True
+        if self.ctx.is_chief:
+            log.warning("stopping at step %d on request (SIGTERM on the head): checkpoint written", self.state.step)
 
     def _push_progress(self, *, force: bool) -> None:
         elapsed = self.window.elapsed()

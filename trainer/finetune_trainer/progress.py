@@ -17,6 +17,8 @@ from finetune_trainer.contract import TrainerPhase
 # Timeline values that describe the attempt, not the latest worker group: a worker group that Ray Train restarts
 # inside the attempt loads the model and takes a first step again, but the attempt's first ones stay.
 FIRST_ONLY = frozenset({"model_loaded_time", "first_step_time"})
+# The latest committed checkpoint only moves forward: an announcement older than the one shown is dropped whole.
+CHECKPOINT_KEYS = frozenset({"last_checkpoint_step", "last_checkpoint_time", "checkpoint_uri"})
 PUSH_INTERVAL_S = 1.0
 
 
@@ -25,6 +27,7 @@ class ProgressBoard:
 
     def __init__(self) -> None:
         self._state: dict[str, Any] = {"phase": TrainerPhase.INITIALIZING.value, "step": 0, "updated_at": 0.0}
+        self._stop = False
 
     def update(self, values: dict[str, Any]) -> None:
         """Merge new values; eval metrics merge into the `eval` mapping rather than replacing it."""
@@ -33,6 +36,9 @@ class ProgressBoard:
         for key in FIRST_ONLY & values.keys():
             if key in self._state:
                 del values[key]
+        if values.get("last_checkpoint_step", 0) < self._state.get("last_checkpoint_step", 0):
+            for key in CHECKPOINT_KEYS & values.keys():
+                del values[key]
         self._state.update(values)
         if evals:
             self._state.setdefault("eval", {}).update(evals)
@@ -40,6 +46,19 @@ class ProgressBoard:
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self._state)
+
+    def request_stop(self) -> None:
+        """The driver got SIGTERM with a drain budget: the workers checkpoint at their next step and return."""
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
+
+
+def should_drain(snapshot: dict[str, Any]) -> bool:
+    """Whether a stop request is worth waiting for: only the training loop answers it (at its next step), so before
+    training (loading, waiting for workers) and after it (saving) the driver stops at once."""
+    return snapshot.get("phase") in {TrainerPhase.TRAINING.value, TrainerPhase.EVALUATING.value}
 
 
 class Board:

@@ -19,11 +19,11 @@ from typing import Any
 import ray.train
 import torch
 
-from finetune_trainer import checkpoints
+from finetune_trainer import checkpoints, commits
 from finetune_trainer.checkpoints import Progress
 from finetune_trainer.contract import TrainerPhase
 from finetune_trainer.finish import finish
-from finetune_trainer.loop import Checkpointer, EvalPolicy, Loop
+from finetune_trainer.loop import Checkpointer, EvalPolicy, Loop, StopPoll
 from finetune_trainer.spec import Baseline
 from finetune_trainer.worker import Inputs, Trainee, WorkerContext, build_trainee, load_inputs, worker_context, wrap_ddp
 
@@ -46,13 +46,9 @@ def train_func(config: dict[str, Any]) -> None:
             progress = checkpoints.restore(trainee, found[1], chief=ctx.is_chief)
             log.warning("rank %d resumed from step %d", ctx.rank, progress.state.step)
             state = progress.state
+            # What Ray Train gave us is its latest committed checkpoint: announce it at once.
             ctx.board.push(
-                {
-                    "checkpoint_uri": checkpoints.checkpoint_uri(ctx, state.last_checkpoint_step),
-                    "last_checkpoint_step": state.last_checkpoint_step,
-                    "last_checkpoint_time": state.last_checkpoint_time,
-                },
-                force=True,
+                checkpoints.announcement(ctx, state.last_checkpoint_step, state.last_checkpoint_time), force=True
             )
     wrap_ddp(trainee, ctx)
     policy = EvalPolicy.of(ctx.spec)
@@ -62,9 +58,14 @@ def train_func(config: dict[str, Any]) -> None:
         progress,
         policy=policy,
         checkpointer=Checkpointer(ctx, every_steps=ctx.spec.checkpoint.every_steps),
+        stop=StopPoll(config.get("board"), ctx),
     )
     announce(ctx, trainee, progress)
     loop.run()
+    if loop.stopped_on_request:  # checkpointed; the driver reports Interrupted and a relaunch resumes from here
+        if loop.checkpointer is not None and loop.checkpointer.commits is not None:
+            loop.checkpointer.commits.drain(timeout=commits.COMMIT_WAIT_S)  # status.checkpoint shows it (bounded)
+        return
     finish(ctx, inputs, loop, summary_base=summary_base(ctx, trainee, inputs))
 
 

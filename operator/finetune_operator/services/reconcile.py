@@ -138,6 +138,7 @@ async def observe(ctx: Context, job: Body, *, scrape: bool) -> tuple[Observed, f
         metrics=sample,
         spec_error=error,
         keep_cluster=ctx.settings.keep_cluster_on_finish,
+        drain_on_stop=ctx.settings.stop_drain_seconds > 0,
         artifacts=Artifacts(**builders.artifact_uris(spec, ident=ident)) if spec is not None else None,
         created=meta.get("creationTimestamp"),
         defaults=defaults,
