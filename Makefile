@@ -54,8 +54,8 @@ test-productnode: venv deps binaries ## the product on the real node: quick star
 	$(PY) -m pytest -q --durations=0 -m productnode
 
 # The inner loop: pure tests + everything that needs only the control plane (kwok for pods whose life the test
-# drives). No Ray, no real or process node, no image builds.
-FAST_MARKERS := not ray and not realnode and not node and not images and not slow
+# drives). No Ray, no real node, no image builds.
+FAST_MARKERS := not ray and not realnode and not images and not slow
 test-fast: venv deps binaries ## unit + integration without Ray or a node (the inner loop, a few minutes)
 	$(PY) -m pytest -q --durations=15 tests/unit tests/integration -m "$(FAST_MARKERS)"
 

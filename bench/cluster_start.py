@@ -4,7 +4,7 @@ Prints figures only (no assertions: timings depend on the machine and its load).
 built already (`make binaries`; the first `make cluster-up` builds the images) so this measures a warm start;
 each run uses a fresh state directory, so etcd and containerd start empty as in a test session.
 
-    .venv/bin/python bench/cluster_start.py [--runs N] [--nodes N] [--process-node]
+    .venv/bin/python bench/cluster_start.py [--runs N] [--nodes N]
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from devcluster.binaries import locate
 from devcluster.kube import call_json
 from devcluster.nodeconfig import NODE_LABEL
 from devcluster.testing import pod_manifest, wait_phase
-from tests.devcluster import cluster as process_cluster
 
 LABELS = {
     "apiserver_readyz": "kube-apiserver /readyz",
@@ -43,16 +42,12 @@ LABELS = {
 }
 
 
-def _first_pod(cluster: devcluster.DevCluster, *, real: bool) -> dict[str, float]:
-    figures = {}
+def _first_pod(cluster: devcluster.DevCluster) -> dict[str, float]:
     t0 = time.monotonic()
-    if real:
-        image = cluster.load_images(["base"])["base"].ref
-        figures["base_image_import"] = time.monotonic() - t0
-        body = pod_manifest("bench", ["python3", "-c", "pass"], image=image, imagePullPolicy="Never")
-        body["spec"]["nodeSelector"] = {NODE_LABEL: "real"}
-    else:
-        body = pod_manifest("bench", ["true"])
+    image = cluster.load_images(["base"])["base"].ref
+    figures = {"base_image_import": time.monotonic() - t0}
+    body = pod_manifest("bench", ["python3", "-c", "pass"], image=image, imagePullPolicy="Never")
+    body["spec"]["nodeSelector"] = {NODE_LABEL: "real"}
     with cluster.api() as api:
         t1 = time.monotonic()
         call_json(k8s.CoreV1Api(api).create_namespaced_pod, "default", body)
@@ -61,16 +56,13 @@ def _first_pod(cluster: devcluster.DevCluster, *, real: bool) -> dict[str, float
     return figures
 
 
-def one_run(state: Path, *, nodes: int, process_node: bool) -> dict[str, float]:
+def one_run(state: Path, *, nodes: int) -> dict[str, float]:
     """Start a cluster, run one pod to completion, stop; return the measured durations in seconds."""
     t0 = time.monotonic()
-    if process_node:
-        cluster: devcluster.DevCluster = process_cluster.up(state, log=lambda _m: None, die_with_caller=True)
-    else:
-        cluster = devcluster.up(state, nodes=nodes, log=lambda _m: None, die_with_caller=True)
+    cluster = devcluster.up(state, nodes=nodes, log=lambda _m: None, die_with_caller=True)
     figures = cluster.timings()
     try:
-        figures |= _first_pod(cluster, real=not process_node)
+        figures |= _first_pod(cluster)
     finally:
         t2 = time.monotonic()
         devcluster.down(state, log=lambda _m: None)
@@ -84,7 +76,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--nodes", type=int, default=1, help="real nodes (default 1)")
-    parser.add_argument("--process-node", action="store_true", help="measure the process-node cluster instead")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("skipped: the dev cluster needs root")
@@ -95,12 +86,11 @@ def main() -> int:
     runs = []
     for i in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="ft-bench-") as d:
-            runs.append(one_run(Path(d) / "cluster", nodes=args.nodes, process_node=args.process_node))
+            runs.append(one_run(Path(d) / "cluster", nodes=args.nodes))
         print(f"run {i + 1}: " + ", ".join(f"{k}={v:.1f}s" for k, v in runs[-1].items()), flush=True)
     load = os.getloadavg()
-    kind = "process node" if args.process_node else f"{args.nodes} real node(s)"
     print(
-        f"\nwarm start, {kind}, over {len(runs)} run(s) on {os.cpu_count()} CPUs "
+        f"\nwarm start, {args.nodes} real node(s), over {len(runs)} run(s) on {os.cpu_count()} CPUs "
         f"(load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}); median:"
     )
     for key, label in LABELS.items():

@@ -31,11 +31,11 @@ from finetune_operator.settings import Settings
 from finetune_trainer import spec as ftspec
 from kubernetes import client as k8s
 
+import devcluster
+from devcluster import DevCluster
 from devcluster import kueue as kueue_mod
 from devcluster.kube import call_json
 from devcluster.testing import wait_crd_established, wait_for
-from tests.devcluster.cluster import ProcessCluster as DevCluster
-from tests.devcluster.cluster import down, up
 from tests.e2e.operator_harness import CRD
 
 
@@ -121,7 +121,8 @@ def _admission_figures(cluster: DevCluster) -> dict[str, float]:
 
 
 def one_run(state: Path) -> dict[str, float]:
-    cluster = up(state, with_node=False, log=lambda _m: None, die_with_caller=True)
+    # A control plane only: no node and no kube-scheduler (Kueue admits Workloads by quota, never by nodes).
+    cluster = devcluster.up(state, nodes=0, log=lambda _m: None, die_with_caller=True)
     try:
         t0 = time.monotonic()
         handle = kueue_mod.start(cluster, log=lambda _m: None, die_with_caller=True)
@@ -129,7 +130,7 @@ def one_run(state: Path) -> dict[str, float]:
         figures.update(_admission_figures(cluster))
         kueue_mod.stop(cluster, handle)
     finally:
-        down(state, log=lambda _m: None)
+        devcluster.down(state, log=lambda _m: None)
     return figures
 
 

@@ -135,7 +135,7 @@ class ControlPlane:
     ) -> None:
         self.state_dir = state_dir
         # Where the API server listens and what it advertises as the `kubernetes` Service endpoint: loopback
-        # for the process node (it forwards for its pods), the host's bridge address when real nodes run in
+        # when no node runs (API-only tests, kwok nodes), the host's bridge address when real nodes run in
         # their own network namespaces and reach the API server (and pods reach it through the Service VIP).
         self.bind_address = bind_address
         # Components get SIGKILL when this process dies: a graceful API server shutdown can hang for minutes

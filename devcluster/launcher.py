@@ -86,7 +86,7 @@ def up(
 ) -> DevCluster:
     """Start a cluster in the background; return once its nodes are Ready and cluster DNS answers.
 
-    `nodes` real nodes (0: control plane only, e.g. for the process node); `kwok` starts the kwok controller
+    `nodes` real nodes (0: control plane only: API-only tests, kwok nodes); `kwok` starts the kwok controller
     up front (otherwise it starts with the first `add_kwok_node`); kube-scheduler runs whenever real or kwok
     nodes may need it unless `scheduler=False`. With `die_with_caller` (the pytest session, benchmarks)
     every component is SIGTERMed by the kernel when the calling process dies, even by SIGKILL; a real node's
@@ -247,9 +247,8 @@ def down(state_dir: Path, *, log: Log = print) -> None:
         info = json.loads((state_dir / "cluster.json").read_text())
     names = [r.name for r in procs.recorded(state_dir / "pids")]
     # Real nodes first (kubelet, kube-proxy, containerd, then the init that takes the node's namespaces down),
-    # then the process node if any (its SIGTERM handler stops pods and removes their network), then the rest.
+    # then the rest.
     procs.stop_recorded(state_dir / "pids", order=[*realnode.stop_order(names), *STOP_ORDER], grace=15)
-    procs.stop_recorded(state_dir / "node" / "pids", grace=2)  # what a crashed process node left
     if "net_index" in info:
         net = network.NetConfig(int(info["net_index"]))
         for k, name in enumerate(info.get("real_nodes") or []):

@@ -3,8 +3,7 @@
 Several clusters run on one machine at once (every pytest session starts its own), so each claims a network
 index `i` (0-31) and derives everything from it: the bridge `ftbr<i>`, the /16 `10.(213+i).0.0/16`, the
 gateway (the host's address on the bridge) `10.(213+i).0.1`, and for real nodes their IPs, pod CIDRs and veth
-names. Nothing here is specific to one kind of node; the process node's pod networking lives in
-tests/devcluster/network.py.
+names.
 
 Real node layout for index i (node k = 0, 1, ...):
     host  ftbr<i> 10.(213+i).0.1/16 ── veth ftn<i>x<k> ── eth0 10.(213+i).0.(10+k)/24  (node k's netns)
@@ -26,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLAIMS = Path("/run/ftdevcluster")
-NETNS_ETC = Path("/etc/netns")
 MAX_INDEX = 32
 MAX_REAL_NODES = 14
 
@@ -51,21 +49,6 @@ class NetConfig:
     def gateway(self) -> str:
         """The host's address on the bridge: host services are reachable from pods here."""
         return str(self.cidr.network_address + 1)
-
-    # -- process node ----------------------------------------------------------------------------------
-
-    @property
-    def netns_prefix(self) -> str:
-        """Prefix of every process-node pod netns name of this cluster."""
-        return f"ft{self.index}-"
-
-    def netns(self, uid: str) -> str:
-        """Netns name of the process-node pod with this UID."""
-        return f"{self.netns_prefix}{uid[:13]}"
-
-    def veth(self, uid: str) -> str:
-        """Host-side veth name of a process-node pod (<= 15 chars, the kernel limit)."""
-        return f"v{self.index}{uid.replace('-', '')[:12]}"
 
     # -- real nodes ------------------------------------------------------------------------------------
 
@@ -172,43 +155,25 @@ def ensure_bridge(cfg: NetConfig) -> None:
     ip("link", "set", cfg.bridge, "up")
 
 
-def _remove_netns_etc(name: str) -> None:
-    d = NETNS_ETC / name
-    if d.is_dir():
-        for f in d.iterdir():
-            with contextlib.suppress(OSError):
-                f.unlink()
-        with contextlib.suppress(OSError):
-            d.rmdir()
-
-
 def owned_links(cfg: NetConfig) -> list[str]:
-    """Host links of this cluster: the bridge, real nodes' veths, process-node pod veths."""
+    """Host links of this cluster: the bridge and the real nodes' veths."""
     out = []
     for line in ip("-o", "link", "show", check=False).stdout.splitlines():
         parts = line.split(":")
         if len(parts) < 2:
             continue
         link = parts[1].strip().split("@")[0]
-        pod_veth = link.startswith(f"v{cfg.index}") and len(link) == 2 + len(str(cfg.index)) + 10
-        if link == cfg.bridge or link.startswith(f"ftn{cfg.index}x") or pod_veth:
+        if link == cfg.bridge or link.startswith(f"ftn{cfg.index}x"):
             out.append(link)
     return out
 
 
-def owned_netns(cfg: NetConfig) -> list[str]:
-    """Named network namespaces of this cluster (process-node pods; real nodes use unnamed ones)."""
-    names = [line.split()[0] for line in ip("netns", "list", check=False).stdout.splitlines() if line.strip()]
-    return [n for n in names if n.startswith(cfg.netns_prefix)]
-
-
 def sweep(cfg: NetConfig) -> list[str]:
-    """Delete every netns and link of this cluster (used by `down`, also after a crash); return what went."""
+    """Delete every link of this cluster (used by `down`, also after a crash); return what went.
+
+    Real nodes' network namespaces are unnamed: they go with the node's init process, not here.
+    """
     removed = []
-    for name in owned_netns(cfg):
-        ip("netns", "del", name, check=False)
-        _remove_netns_etc(name)
-        removed.append(name)
     links = owned_links(cfg)
     for link in links:  # veths first: deleting one end removes its peer in a node's namespace too
         if link != cfg.bridge:

@@ -38,7 +38,7 @@ def pod_manifest(
     labels: Mapping[str, str] | None = None,
     **container: Any,
 ) -> dict[str, Any]:
-    """A one-container pod running `command` (the image is ignored by the process node)."""
+    """A one-container pod running `command` (real-node tests pass their `image`; kwok nodes ignore it)."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",

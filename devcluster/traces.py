@@ -130,7 +130,7 @@ def traces(state_dir: Path, net: network.NetConfig, *, nodes: Iterable[NodeNames
     return Traces(
         processes=sorted(set(processes_naming(state_dir)) | set(processes_in(nodes)) | in_cgroups),
         mounts=mounts_under(state_dir),
-        network_namespaces=network.owned_netns(net) + [f"node {n.name} netns" for n in nodes if _net_alive(n)],
+        network_namespaces=[f"node {n.name} netns" for n in nodes if _net_alive(n)],
         links=network.owned_links(net),
         routes=_lines_mentioning(["ip", "route", "show", "table", "all"], (prefix,)),
         iptables_rules=_lines_mentioning(["iptables-save"], needles)

@@ -1,8 +1,8 @@
 """Object-storage steps of the kind demo: upload the SST-2 subset, list a job's artifacts.
 
-Why a script: `hack/kind-demo.sh` (real kind, through a port-forward to MinIO) and the test that mirrors it on our
-own control plane (tests/process_node/test_chart_demo.py, real MinIO process) must do exactly the same thing, so
-the steps live here once. Only boto3 is needed (a dev dependency).
+Why a script: `hack/kind-demo.sh` runs these steps through a port-forward to MinIO, on kind and on the dev
+cluster's real node (tests/e2e/test_quickstart_real_node.py runs the script itself), and the tests that check
+`verify` call the same functions, so the steps live here once. Only boto3 is needed (a dev dependency).
 
     python hack/demo_s3.py upload --endpoint http://127.0.0.1:19000 --rows 2000
     python hack/demo_s3.py list --endpoint http://127.0.0.1:19000 --uri s3://models/sst2-quickstart/

@@ -17,7 +17,7 @@ pytest_plugins = [
 
 def pytest_configure(config: pytest.Config) -> None:
     # The same defaults as the Makefile, so `pytest` alone behaves like `make test`. Set before any fixture starts
-    # the process node: pods inherit HF_HOME from it, and no test may reach a model hub.
+    # a server or a local Ray run: they inherit HF_HOME from here, and no test may reach a model hub.
     cache = Path(os.environ.get("FT_CACHE") or Path(__file__).resolve().parents[1] / ".cache")
     os.environ.setdefault("FT_CACHE", str(cache))
     os.environ.setdefault("HF_HOME", str(cache / "hf"))

@@ -28,8 +28,9 @@ class LogFormat(StrEnum):
 class MetricsSource(StrEnum):
     """Where training progress comes from: the trainer's /metrics (always, in production) or a simulation.
 
-    `simulated` exists only for the process node's simulate mode (no trainer process runs): it derives a
-    plausible step from the head pod's age. It is never the default and the operator logs a warning when set.
+    `simulated` exists only for tests whose pods run on simulated (kwok) nodes, where no trainer process runs:
+    it derives a plausible step from the head pod's age. It is never the default and the operator logs a warning
+    when set.
     """
 
     HTTP = "http"

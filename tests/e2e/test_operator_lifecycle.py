@@ -101,6 +101,20 @@ def test_head_failure_retries_then_fails_with_the_trainer_reason(
     assert {"Retrying", "BackoffLimitExceeded", "TrainingError"} <= {r for r, _ in jobs.events("retry")}
 
 
+def test_deleted_head_pod_with_backoff_limit_zero_fails_as_head_pod_lost(
+    cluster: DevCluster, namespace: str, operator: OperatorHandle, jobs: Jobs
+) -> None:
+    jobs.create(job_manifest("lost", backoffLimit=0))
+    jobs.wait_running_pods("lost", 3, attempt=1)
+    cluster.kubectl("delete", "pod", "-n", namespace, "lost-a1-head", "--wait=false")
+    failed = jobs.wait_phase("lost", "Failed")
+    assert failed["attempt"] == 1 and failed["reason"] == "HeadPodLost", failed
+    assert "backoffLimit 0 reached" in failed["message"], failed
+    assert {c["type"]: c for c in failed["conditions"]}["Failed"]["reason"] == "HeadPodLost"
+    jobs.wait_no_pods("lost")
+    assert {"BackoffLimitExceeded"} <= {r for r, _ in jobs.events("lost")}
+
+
 def test_suspend_deletes_the_cluster_and_resume_starts_a_new_attempt(
     namespace: str, operator: OperatorHandle, jobs: Jobs
 ) -> None:

@@ -30,6 +30,7 @@ import devcluster
 from devcluster import quickstart
 from devcluster.kube import call_json
 from devcluster.testing import wait_for
+from tests.e2e.operator_harness import Jobs
 
 pytestmark = [pytest.mark.realnode, pytest.mark.ray, pytest.mark.slow]
 
@@ -104,8 +105,20 @@ def test_kind_quick_start_succeeds_on_the_real_node_under_the_restricted_securit
     assert step >= 1 and loss > 0, seen
 
     ftj = yaml.safe_load(real_cluster.kubectl("-n", real_namespace, "get", "ftj", JOB, "-o", "yaml").stdout)
-    assert ftj["status"]["phase"] == "Succeeded"
-    assert ftj["status"]["artifacts"]["model"].startswith(f"s3://models/{JOB}/")
+    status = ftj["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["artifacts"]["model"].startswith(f"s3://models/{JOB}/")
+    assert status["artifacts"]["manifest"] == f"s3://models/{JOB}/manifest.json", status["artifacts"]
+    # The listing `verify` printed: the LoRA adapter next to the merged model, and Ray Train's checkpoints.
+    for prefix in ("adapter/", "checkpoints/"):
+        assert f"s3://models/{JOB}/{prefix}" in output, f"no {prefix} in the artifact listing"
+    # What the status and the Events keep of the run (not what a poll happened to see): one attempt that ended
+    # Succeeded, a timeline in order, and an Event for every phase the job went through.
+    assert [a["reason"] for a in status["attempts"]] == ["Succeeded"], status["attempts"]
+    timeline = status["timeline"]
+    assert timeline["created"] <= timeline["scheduled"] <= timeline["finished"], timeline
+    events = {reason for reason, _ in Jobs(real_cluster, real_namespace).events(JOB)}
+    assert {"Pending", "Running", "Succeeded"} <= events, events
 
     # The Ray pods that ran: a head and two workers, each under the restricted security context.
     roles = sorted(p["metadata"]["labels"].get("finetune.dev/role", "") for p in ray_pods.pods.values())

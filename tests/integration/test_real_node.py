@@ -14,12 +14,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from finetune_operator import builders, names, reasons
+from finetune_operator.settings import Settings
+from finetune_trainer import contract
+from finetune_trainer import spec as ftspec
 from kubernetes import client as k8s
 
 from devcluster import DevCluster
 from devcluster.kube import call_json
 from devcluster.nodeconfig import NODE_LABEL
-from devcluster.testing import container_state, pod_manifest, wait_for, wait_phase
+from devcluster.testing import container_state, get_pod, pod_manifest, wait_for, wait_phase
 
 pytestmark = pytest.mark.realnode
 
@@ -230,3 +234,80 @@ def test_non_root_container_with_read_only_root_cannot_write_outside_its_volumes
         "root": "Read-only file system",
         "etc": "Read-only file system",
     }
+
+
+def _trainer_head_pod() -> dict[str, Any]:
+    """The head pod the operator renders for a minimal job (its security contexts and termination policy)."""
+    settings = Settings(identity="test")
+    ident = names.JobIdentity(name="tm", namespace="ns", uid="00000000-0000-0000-0000-000000000000")
+    raw = ftspec.parse_spec({"model": {"uri": "hf://org/m"}, "dataset": {"train": "s3://b/t.csv"},
+                             "output": {"uri": "s3://b/out/"}})  # fmt: skip
+    spec = builders.resolve_spec(raw, defaults=builders.operator_defaults(settings), ident=ident)
+    return builders.build_head_pod(spec, settings=settings, ident=ident)
+
+
+WRITES_REPORT = """
+import sys
+open(sys.argv[1], 'w').write(sys.argv[2])
+print('this log line must not become the message')
+sys.exit(int(sys.argv[3]))
+"""
+PRINTS_REPORT = """
+import sys
+print('Traceback (most recent call last): ...')
+print(sys.argv[1])
+sys.exit(int(sys.argv[2]))
+"""
+
+
+def test_the_trainers_failure_report_reaches_the_pod_status_under_the_operators_security_context(
+    real_cluster: DevCluster, real_namespace: str, base_image: str
+) -> None:
+    """What the operator reads a failure from, as the real kubelet delivers it: the report the trainer writes to
+    /dev/termination-log (as non-root, on a read-only root filesystem), else the last log lines
+    (FallbackToLogsOnError), with the trainer's exit code."""
+    head = _trainer_head_pod()
+    (rendered,) = head["spec"]["containers"]
+    assert rendered["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    like_the_trainer = {k: rendered[k] for k in ("securityContext", "terminationMessagePolicy")}
+    written = contract.failure_line(contract.Reason.INVALID_DATASET, "column 'sentence' is missing")
+    printed = contract.failure_line(contract.Reason.TRAINING_ERROR, "loss is NaN at step 7")
+    codes = {"writes": int(contract.ExitCode.INVALID_DATASET), "prints": int(contract.ExitCode.TRAINING_ERROR)}
+    args = {
+        "writes": (WRITES_REPORT, [contract.TERMINATION_MESSAGE_PATH, written, str(codes["writes"])]),
+        "prints": (PRINTS_REPORT, [printed, str(codes["prints"])]),
+    }
+    body = pod("report", "", image=base_image)
+    (template,) = body["spec"]["containers"]
+    body["spec"]["containers"] = [
+        {**template, **like_the_trainer, "name": name, "command": ["python3", "-c", script], "args": argv}
+        for name, (script, argv) in args.items()
+    ]
+    body["spec"]["securityContext"] = head["spec"]["securityContext"]
+    create(real_cluster, real_namespace, body)
+    done = finished(real_cluster, real_namespace, "report")
+    assert done["status"]["phase"] == "Failed"
+    for name, line in (("writes", written), ("prints", printed)):
+        term = container_state(done, name)["terminated"]
+        assert (term["exitCode"], term["reason"]) == (codes[name], "Error"), term
+        assert contract.parse_failure_line(term["message"]) == contract.parse_failure_line(line), term["message"]
+    assert container_state(done, "writes")["terminated"]["message"] == written  # the file, not the log
+
+
+def test_an_image_that_cannot_be_pulled_leaves_the_pod_pending_with_a_reason_the_operator_reports_at_once(
+    real_cluster: DevCluster, real_namespace: str
+) -> None:
+    """The kubelet's waiting reason for a missing image is one the operator shows in the status at once."""
+    body = pod("nopull", "pass", image="unpullable.invalid/finetune/trainer:v1")
+    body["spec"]["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+    create(real_cluster, real_namespace, body)
+    with real_cluster.api() as api:
+
+        def waiting_reason() -> str | None:
+            waiting = container_state(get_pod(api, real_namespace, "nopull") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            return str(reason) if reason and reason != "ContainerCreating" else None
+
+        reason = wait_for(waiting_reason, timeout=120, what="a waiting reason other than ContainerCreating")
+        assert reason in {"ErrImagePull", "ImagePullBackOff"} and reason in reasons.PENDING_TROUBLE
+        assert (get_pod(api, real_namespace, "nopull") or {})["status"]["phase"] == "Pending"

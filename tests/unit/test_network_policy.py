@@ -1,7 +1,7 @@
 """The per-job NetworkPolicy: which peer may reach which port of a job's pods (tests/fixtures/netpol.py).
 
 The policy is rendered by the operator's pure builder and evaluated offline against the case table. These tests
-do not prove that any node enforces the policy — ours does not yet; see test_network_policy_enforced.py.
+do not prove that any node enforces the policy — ours does not (docs/security.md, "Ray network exposure").
 """
 
 from __future__ import annotations

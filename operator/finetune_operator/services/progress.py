@@ -1,6 +1,6 @@
 """Where training progress comes from: the trainer's Prometheus endpoint on the head pod, or (tests only) a simulation.
 
-Why injectable: the process node's simulate mode runs no trainer, yet the lifecycle (progress, NoProgress, ETA)
+Why injectable: pods on simulated (kwok) nodes run no trainer, yet the lifecycle (progress, NoProgress, ETA)
 must still be exercised at scale. The simulation is selected only by settings.metrics_source=simulated.
 """
 
