@@ -22,6 +22,7 @@ it is left: no pod, Service, ConfigMap or NetworkPolicy, no container on the nod
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -102,7 +103,7 @@ class Job:
             time.sleep(1.0)
 
     def checkpoint_mid_run(self, *, attempt: int, after: int = 0, timeout: float = 600) -> tuple[int, int]:
-        """Until `attempt` runs with a complete checkpoint past `after` and is short of the last step; returns
+        """Until `attempt` runs with a committed checkpoint past `after` and is short of the last step; returns
         (checkpoint step, step shown)."""
 
         def check(status: dict[str, Any]) -> tuple[int, int] | None:
@@ -136,7 +137,7 @@ class Job:
         assert stopped.returncode == 0, stopped.stderr
 
     def patch(self, spec: dict[str, Any]) -> None:
-        body = yaml.safe_dump({"spec": spec})
+        body = json.dumps({"spec": spec})
         self.cluster.kubectl("-n", self.namespace, "patch", "ftj", self.name, "--type", "merge", "-p", body)
 
     def pods(self) -> list[str]:

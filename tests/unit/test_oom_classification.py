@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
-from finetune_trainer import oom
+from finetune_trainer import driver, oom
 from finetune_trainer.contract import ExitCode, Reason
 from finetune_trainer.errors import InvalidDatasetError, classify_failure
 from ray.core.generated.common_pb2 import ActorDiedErrorContext
@@ -174,3 +176,64 @@ def test_read_node_memory_from_cgroup_files(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("POD_NAME", "job-a1-worker-0")
     node = oom.read_node_memory((tmp_path / "missing", events), (limit,))
     assert node == oom.NodeMemory(pod="job-a1-worker-0", oom_kills=1, limit_bytes=2**30)
+
+
+HEAD, W0, W1 = "aa" * 28, "bb" * 28, "cc" * 28  # Ray node ids: 28 bytes in hex
+
+
+class FakeRay:
+    """Enough of `ray` for the driver's memory probe: nodes, pinned zero-CPU tasks, get with a timeout."""
+
+    def __init__(self, readings: list[dict[str, oom.NodeMemory | Exception]]) -> None:
+        self.readings = readings  # one mapping node -> reading (or error) per probe round
+        self.round = -1
+        self.pinned: list[str] = []
+
+    def get_runtime_context(self) -> Any:
+        return SimpleNamespace(get_node_id=lambda: HEAD)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [{"NodeID": n, "Alive": True} for n in self.readings[0]] + [{"NodeID": "dd" * 28, "Alive": False}]
+
+    def remote(self, **_options: Any) -> Any:
+        self.round += 1
+        readings = self.readings[min(self.round, len(self.readings) - 1)]  # later rounds read what the last did
+
+        def options(scheduling_strategy: Any) -> Any:
+            node = scheduling_strategy.node_id
+            self.pinned.append(node)
+            return SimpleNamespace(remote=lambda: readings[node])
+
+        return lambda _fn: SimpleNamespace(options=options)
+
+    def get(self, ref: Any, timeout: float) -> oom.NodeMemory:
+        assert timeout > 0
+        if isinstance(ref, Exception):
+            raise ref
+        return ref  # type: ignore[no-any-return]
+
+
+def test_the_driver_probe_reports_the_nodes_whose_counter_rose(monkeypatch: pytest.MonkeyPatch) -> None:
+    def mem(pod: str, kills: int) -> oom.NodeMemory:
+        return oom.NodeMemory(pod=pod, oom_kills=kills, limit_bytes=2**30)
+
+    fake = FakeRay(
+        [
+            {HEAD: mem("j-a1-head", 0), W0: mem("j-a1-worker-0", 0), W1: mem("j-a1-worker-1", 0)},
+            {HEAD: mem("j-a1-head", 0), W0: mem("j-a1-worker-0", 2), W1: TimeoutError("no answer")},
+        ]
+    )
+    monkeypatch.setattr(driver, "ray", fake)
+    probe = driver.MemoryProbe.start()
+    assert probe is not None and fake.pinned == [HEAD, W0, W1]  # one task pinned to each live node
+    kills = probe.kills()
+    assert [(k.pod, k.kills, k.head) for k in kills] == [("j-a1-worker-0", 2, False)]
+    failure = driver.classified(worker_group_error(actor_died("SYSTEM_ERROR", KERNEL_KILL_DETAIL)), probe)
+    assert failure.reason is Reason.OOM_KILLED and "j-a1-worker-0" in failure.message
+
+
+def test_without_a_probe_the_failure_is_classified_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(driver.ray, "nodes", lambda: (_ for _ in ()).throw(RuntimeError("not connected")))
+    assert driver.MemoryProbe.start() is None
+    failure = driver.classified(worker_group_error(actor_died("SYSTEM_ERROR", KERNEL_KILL_DETAIL)), None)
+    assert failure.reason is Reason.TRAINING_ERROR

@@ -183,6 +183,15 @@ class MemoryProbe:
         self.head_node = str(ray.get_runtime_context().get_node_id())
         self.before = self._launch()
 
+    @classmethod
+    def start(cls) -> MemoryProbe | None:
+        """A probe, or None when the nodes cannot be listed (the run goes on without memory evidence)."""
+        try:
+            return cls()
+        except Exception as e:
+            log.warning("cannot read the nodes' memory cgroups: %s", e)
+            return None
+
     @staticmethod
     def _launch() -> dict[str, Any]:
         read = ray.remote(num_cpus=0, max_retries=0)(oom.read_node_memory)
@@ -243,7 +252,7 @@ def run_training(spec: FineTuneJobSpec, *, options: RunOptions) -> RunResult:
         timeout=options.resource_wait_seconds,
     )
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-    probe = MemoryProbe()
+    probe = MemoryProbe.start()
     storage_path, storage_fs = checkpoint_storage(output)
     resources: dict[str, float] = {"CPU": options.cpus_per_worker}
     if options.gpus_per_worker:
