@@ -12,18 +12,27 @@ import pytest
 import torch
 from finetune_trainer import features
 from finetune_trainer.artifacts import model_card
+from finetune_trainer.checkpoints import Progress
+from finetune_trainer.finish import export_model
+from finetune_trainer.hfcache import packaged_model_dir
+from finetune_trainer.loop import EvalPolicy, Loop
+from finetune_trainer.progress import Board
 from finetune_trainer.spec import Pooling, parse_spec
 from finetune_trainer.worker import (
     HEAD_MIN_STEPS,
     Budget,
+    WorkerContext,
     baseline_steps,
+    build_trainee,
     feature_budget,
     head_epochs,
+    load_inputs,
     torch_threads,
 )
-from transformers import BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel
 
 BASE: dict[str, Any] = {"model": {"uri": "/m"}, "dataset": {"train": "t.csv"}}
+SST2 = Path(__file__).resolve().parents[2] / "examples" / "data" / "sst2"
 
 
 def head_spec(*, method: dict[str, Any] | None = None, **hyperparameters: Any) -> Any:
@@ -106,13 +115,14 @@ def train_head(head: features.LinearHead, x: torch.Tensor, y: torch.Tensor, *, s
     """The trainer's optimiser for a head (AdamW lr 1e-3, batch 32) for a number of steps; train accuracy."""
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    for step in range(steps):
-        index = torch.arange(step * 32, step * 32 + 32) % len(y)
-        loss = head(x[index], y[index]).loss
-        assert loss is not None
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    with torch_threads(1):  # as the trainer trains a head
+        for step in range(steps):
+            index = torch.arange(step * 32, step * 32 + 32) % len(y)
+            loss = head(x[index], y[index]).loss
+            assert loss is not None
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     with torch.no_grad():
         return float((head(x).logits.argmax(-1) == y).float().mean())
 
@@ -162,3 +172,44 @@ def test_model_card_says_how_the_head_was_trained() -> None:
     summary = {"probe": True, "pooling": "mean", "strategyDetails": {"headEpochs": 32, "standardised": True}}
     card = model_card(name="run", spec={"method": {"strategy": "head"}}, summary=summary)
     assert "32 passes" in card and "standardised" in card
+
+
+# ---- the head trainee through the real training loop (in process, no Ray), exported and reloaded ----
+def tiny_bert(directory: Path) -> Path:
+    tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir())
+    torch.manual_seed(0)
+    body = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))  # fmt: skip
+    body.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_head_trainee_trains_on_cached_features_and_its_export_reproduces_the_accuracy(tmp_path: Path) -> None:
+    spec = parse_spec(
+        {
+            "model": {"uri": str(tiny_bert(tmp_path / "bert"))},
+            "dataset": {"train": str(SST2 / "train.tsv"), "validation": str(SST2 / "dev.tsv"),
+                        "textColumn": "sentence", "maxTrainSamples": 160, "maxEvalSamples": 64},
+            "method": {"strategy": "head", "pooling": "mean"},
+            "hyperparameters": {"learningRate": "1e-3", "epochs": 3, "batchSize": 16, "maxSeqLength": 32},
+        }
+    )  # fmt: skip
+    ctx = WorkerContext(spec=spec, rank=0, world=1, device=torch.device("cpu"), dtype=None, base_dir=None,
+                        output_uri=str(tmp_path / "out"), run_name="t", board=Board(None, enabled=False))  # fmt: skip
+    inputs = load_inputs(ctx)
+    trainee = build_trainee(ctx, inputs)
+    assert trainee.budget.total_steps == HEAD_MIN_STEPS  # 10 steps per epoch: 100 passes, not the spec's 3
+    assert trainee.plan.details["headEpochs"] == 100 and trainee.threads == 1
+    loop = Loop(ctx, trainee, Progress(), policy=EvalPolicy.of(spec), checkpointer=None)
+    loop.run()
+    assert loop.state.step == HEAD_MIN_STEPS
+    final = loop.state.history[-1]
+    export_model(trainee, inputs, tmp_path / "export", lora_merge=False)
+    probe = features.load_probe(tmp_path / "export" / "model")
+    rows = [line.rstrip("\n").split("\t", 1) for line in (SST2 / "dev.tsv").read_text().splitlines()[1:65]]
+    batch = inputs.tokenizer([s for _, s in rows], truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = probe(**batch).argmax(-1)
+    accuracy = float((predicted == torch.tensor([int(label) for label, _ in rows])).float().mean())
+    assert accuracy == pytest.approx(final["eval_accuracy"])
