@@ -68,12 +68,13 @@ def write_outputs(rows: list[dict[str, Any]], *, args: argparse.Namespace) -> st
         f"SST-2, {args.train_samples} training examples, full dev set (872), {args.epochs} epochs, batch 32, "
         f"maxSeqLength 64, 1 Ray Train worker, {os.cpu_count()} CPU cores; {len(rows)} of {len(selected(args))} "
         f"runs; after the last: {uptime()}\n\n"
-        "| method | dev accuracy | dev macro-F1 | wall time (s) | trainable parameters | learning rate "
-        "| load before (1, 5, 15 min) |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "| method | dev accuracy | dev macro-F1 | wall time (s) | training loop (s) | optimizer steps "
+        "| trainable parameters | learning rate | load before (1, 5, 15 min) |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
     table = header + "".join(
         f"| {r['method']} | {r['dev_accuracy']:.4f} | {r['dev_f1']:.4f} | {r['wall_seconds']:.0f} | "
+        f"{r['loop_seconds']:.1f} | {r['steps']} | "
         f"{r['trainable_parameters']:,} / {r['total_parameters']:,} | {r['learning_rate']} | {r['load_before']} |\n"
         for r in rows
     )
@@ -145,6 +146,7 @@ def main() -> int:
                 "dev_f1": final["eval_f1"],
                 "wall_seconds": wall,
                 "loop_seconds": result.summary["timing"]["loop"],
+                "steps": result.summary["steps"],
                 "trainable_parameters": result.summary["trainableParameters"],
                 "total_parameters": result.summary["totalParameters"],
                 "learning_rate": lr,

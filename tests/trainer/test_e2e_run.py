@@ -45,7 +45,7 @@ def test_finetune_run_s3_round_trip(
                 "validation": f"s3://{bucket}/data/dev.jsonl",
                 "textColumn": "sentence",
             },
-            "method": {"strategy": "head"},
+            "method": {"strategy": "head", "headEpochs": 2},
             "hyperparameters": {"learningRate": "5e-3", "epochs": 2, "batchSize": 16, "maxSeqLength": 32},
             "resources": {"workers": 1},
             "storage": {"endpoint": s3_server.endpoint, "region": s3_server.region},

@@ -99,11 +99,10 @@ def test_head_trains_a_linear_probe_on_features_extracted_once(
     ray_cluster: RayCluster, tiny_models: dict[str, Path], sst_data: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    spec = cls_spec(tiny_models["bert"], sst_data, strategy="head", method={"pooling": "mean"},
-                    hyperparameters={"epochs": 30})  # fmt: skip
+    spec = cls_spec(tiny_models["bert"], sst_data, strategy="head", method={"pooling": "mean", "headEpochs": 30})
     result = run(spec, out, workers=2)
     details = result.summary["strategyDetails"]
-    assert details["featureExtraction"] and details["pooling"] == "mean"
+    assert details["featureExtraction"] and details["pooling"] == "mean" and details["headEpochs"] == 30
     assert result.summary["trainableParameters"] == 32 * 2 + 2  # the linear head only: no pooler, no body
     assert result.summary["steps"] == 30 * 5  # 160 rows / (2 workers x 16) per epoch
     # the body is the pretrained one, unchanged; the head is beside it; loading them reproduces the accuracy
@@ -183,7 +182,8 @@ def test_quality_gate_keeps_the_model_under_rejected(
 ) -> None:
     out = tmp_path / "out"
     spec = cls_spec(tiny_models["bert"], sst_data, strategy="top-layers", output={"uri": str(out),
-                    "minMetric": {"eval_accuracy": 0.99}}, evaluation={"baseline": "probe"})  # fmt: skip
+                    "minMetric": {"eval_accuracy": 0.99}}, evaluation={"baseline": "probe"},
+                    method={"headEpochs": 2})  # fmt: skip
     code, err, term = cli_run(job_manifest(name="gated", spec=spec))
     assert code == ExitCode.QUALITY_GATE_FAILED, err[-3000:]
     report = parse_report(err)
@@ -208,7 +208,7 @@ def test_reused_output_prefix_never_shows_an_old_manifest_or_old_files(
     first = cls_spec(tiny_models["bert"], sst_data, strategy="lora", hyperparameters={"epochs": 1})
     run(first, out, run_name="first")
     assert (out / "adapter").is_dir() and (out / MANIFEST).is_file()
-    second = cls_spec(tiny_models["bert"], sst_data, strategy="head", hyperparameters={"epochs": 1})
+    second = cls_spec(tiny_models["bert"], sst_data, strategy="head", method={"headEpochs": 1})
     preflight(parse_spec(second), output_uri=str(out), base_dir=None)
     assert not (out / MANIFEST).exists()  # before this run writes anything, the old manifest is gone
     result = run(second, out, run_name="second")

@@ -142,9 +142,11 @@ def _status_line(summary: dict[str, Any]) -> str:
 def _pooling_note(summary: dict[str, Any]) -> str:
     if not summary.get("probe"):
         return ""
+    details = summary.get("strategyDetails") or {}
     return (
-        f"; feature extraction: the frozen body's {summary.get('pooling')}-pooled outputs feed a linear head "
-        "(`classifier.safetensors`)"
+        f"; feature extraction: the frozen body's {summary.get('pooling')}-pooled outputs, encoded once, feed a "
+        f"linear head trained for {details.get('headEpochs', '?')} passes over them on standardised features "
+        "(train-set mean and scale, folded into `classifier.safetensors`: a plain linear layer on the pooled outputs)"
     )
 
 

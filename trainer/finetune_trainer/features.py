@@ -7,8 +7,10 @@ checkpoints (all-MiniLM-L6-v2 and its cousins) were trained to be read through t
 their [CLS] position and pooler were never trained for that, so `auto` asks the checkpoint (its
 `1_Pooling/config.json`) before falling back to the first token.
 
-The head's artifact is the unchanged body plus `classifier.safetensors` and `classifier.json` (pooling, labels):
-`load_probe` (and the model card's snippet, in plain transformers) turns them back into a classifier.
+The head trains on standardised features for as many passes over the cache as it needs (`worker.head_epochs`), and
+its artifact is the unchanged body plus `classifier.safetensors` (the standardisation folded into a plain linear
+layer on the raw pooled vectors) and `classifier.json` (pooling, labels): `load_probe` (and the model card's
+snippet, in plain transformers) turns them back into a classifier.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from finetune_trainer.spec import Pooling, Task
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_CONFIG = "classifier.json"
 Collate = Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]]
+STD_FLOOR = 1e-6  # dimensions whose train-set standard deviation is below this are left unscaled (constant ones)
 
 
 class Encoded(torch.utils.data.Dataset[dict[str, list[int]]]):
@@ -176,23 +179,58 @@ class HeadOutput:
     loss: torch.Tensor | None = None
 
 
-class LinearHead(nn.Module):
-    """A linear classifier over pooled features: the only thing `head` and the probe baseline train."""
+@dataclass(frozen=True)
+class Standardisation:
+    """Per-dimension train-set mean and scale of the pooled features (scale 1 for constant dimensions)."""
 
-    def __init__(self, hidden_size: int, num_labels: int) -> None:
+    mean: torch.Tensor  # (hidden,)
+    scale: torch.Tensor  # (hidden,)
+
+    @staticmethod
+    def of(features: torch.Tensor) -> Standardisation:
+        """From the training features (every rank holds all of them, so every rank computes the same values)."""
+        if features.shape[0] < 2:
+            hidden = features.shape[1]
+            return Standardisation(mean=torch.zeros(hidden), scale=torch.ones(hidden))
+        mean, std = features.mean(0), features.std(0)
+        return Standardisation(mean=mean, scale=torch.where(std > STD_FLOOR, std, torch.ones_like(std)))
+
+
+class LinearHead(nn.Module):
+    """A linear classifier over pooled features: the only thing `head` and the probe baseline train.
+
+    It trains on standardised features (train-set mean and scale, fixed buffers): pooled sentence vectors have a
+    small, uneven per-dimension scale (all-MiniLM-L6-v2, mean-pooled: median standard deviation 0.25), so a
+    linear layer on the raw vectors moves slowly at a usual learning rate and its progress depends on the encoder's
+    scale. `folded()` turns the standardisation into the weights, so the saved head is a plain linear layer on the
+    raw pooled vectors.
+    """
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, hidden_size: int, num_labels: int, *, standardisation: Standardisation | None = None) -> None:
         super().__init__()
         self.classifier = nn.Linear(hidden_size, num_labels)
+        std = standardisation or Standardisation(mean=torch.zeros(hidden_size), scale=torch.ones(hidden_size))
+        self.register_buffer("mean", std.mean.detach().clone().float())
+        self.register_buffer("scale", std.scale.detach().clone().float())
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> HeadOutput:
-        logits = self.classifier(features)
+        logits = self.classifier((features - self.mean) / self.scale)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return HeadOutput(logits=logits, loss=loss)
 
+    def folded(self) -> dict[str, torch.Tensor]:
+        """weight and bias of the same classifier on raw features: W (x - m) / s + b = (W / s) x + (b - (W / s) m)."""
+        weight = self.classifier.weight.detach() / self.scale
+        bias = self.classifier.bias.detach() - weight @ self.mean
+        return {"weight": weight.cpu().contiguous(), "bias": bias.cpu().contiguous()}
+
 
 def save_head(head: LinearHead, directory: Path, *, pooling: Pooling, first_token: bool, labels: list[str]) -> None:
-    """classifier.safetensors (weight, bias) + classifier.json next to the saved body."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.classifier.state_dict().items()}
-    save_file(tensors, str(directory / CLASSIFIER_WEIGHTS))
+    """classifier.safetensors (weight, bias on the raw pooled features) + classifier.json next to the saved body."""
+    save_file(head.folded(), str(directory / CLASSIFIER_WEIGHTS))
     config = {"pooling": pooling.value, "firstToken": first_token, "labels": labels, "format": "finetune-probe/v1"}
     (directory / CLASSIFIER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
 

@@ -27,7 +27,7 @@ from finetune_trainer.checkpoints import Progress
 from finetune_trainer.contract import TrainerPhase
 from finetune_trainer.errors import TrainingError
 from finetune_trainer.spec import FineTuneJobSpec, Strategy
-from finetune_trainer.worker import Trainee, WorkerContext, trainable_state
+from finetune_trainer.worker import Trainee, WorkerContext, torch_threads, trainable_state
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -183,13 +183,14 @@ class Loop:
         budget = self.trainee.budget
         self.started, self.started_at = time.monotonic(), time.time()
         self.trainee.model.train()
-        while self.state.step < budget.total_steps and not self.state.stopped_early and not self.stopped_on_request:
-            epoch = self.state.step // budget.steps_per_epoch
-            self.trainee.sampler.set_epoch(epoch)
-            for micro in self._micro_batches(epoch):
-                self._step(micro, epoch=epoch)
-                if self._after_step():
-                    break
+        with torch_threads(self.trainee.threads):
+            while self.state.step < budget.total_steps and not self.state.stopped_early and not self.stopped_on_request:
+                epoch = self.state.step // budget.steps_per_epoch
+                self.trainee.sampler.set_epoch(epoch)
+                for micro in self._micro_batches(epoch):
+                    self._step(micro, epoch=epoch)
+                    if self._after_step():
+                        break
         self.loop_seconds = self.wall_seconds()
 
     def _micro_batches(self, epoch: int) -> Iterator[list[Batch]]:

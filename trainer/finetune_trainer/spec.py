@@ -269,6 +269,16 @@ class MethodSpec(_Model):
         "(the first token, [CLS], for encoders; the last non-padding token for decoders), or auto (what the "
         "checkpoint was trained for: a sentence-transformers checkpoint's pooling config, else cls).",
     )
+    head_epochs: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Strategy head and evaluation.baseline probe (feature extraction): passes of the linear head "
+        "over the cached features; the frozen body encodes the data once whatever this says. Default: "
+        "hyperparameters.epochs, raised until the head gets at least 1,000 optimizer steps (a linear head on "
+        "cached features costs about a millisecond per step and under-trains in a few dozen). "
+        "hyperparameters.maxSteps still caps the steps.",
+    )
 
     @model_validator(mode="after")
     def _strategy_fields(self) -> Self:
@@ -494,6 +504,8 @@ def task_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
         errors.append(
             ("method.pooling", "only used by strategy 'head' and evaluation.baseline 'probe' (leave it auto)")
         )
+    if spec.method.head_epochs is not None and not probes:
+        errors.append(("method.headEpochs", "only used by strategy 'head' and evaluation.baseline 'probe'"))
     if baseline is Baseline.PROBE and spec.task is not Task.SEQUENCE_CLASSIFICATION:
         errors.append(("evaluation.baseline", "probe needs sequence-classification (use scratch for causal-lm)"))
     if baseline is Baseline.PROBE and spec.method.strategy is Strategy.HEAD:

@@ -24,8 +24,16 @@ from finetune_trainer.checkpoints import Progress
 from finetune_trainer.contract import TrainerPhase
 from finetune_trainer.finish import finish
 from finetune_trainer.loop import Checkpointer, EvalPolicy, Loop, StopPoll
-from finetune_trainer.spec import Baseline
-from finetune_trainer.worker import Inputs, Trainee, WorkerContext, build_trainee, load_inputs, worker_context, wrap_ddp
+from finetune_trainer.worker import (
+    Inputs,
+    Trainee,
+    WorkerContext,
+    baseline_steps,
+    build_trainee,
+    load_inputs,
+    worker_context,
+    wrap_ddp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,7 @@ def train_func(config: dict[str, Any]) -> None:
 def announce(ctx: WorkerContext, trainee: Trainee, progress: Progress) -> None:
     """Log the plan (rank 0) and tell the driver what the run will do."""
     plan, budget, state = trainee.plan, trainee.budget, progress.state
-    baseline_steps = budget.total_steps if ctx.spec.evaluation.baseline is not Baseline.NONE else 0
+    extra_steps = baseline_steps(ctx.spec, budget=budget)
     if ctx.is_chief:
         log.warning(
             "strategy %s: %d of %d parameters trainable; %d steps (%d per epoch) on %d worker(s)",
@@ -83,7 +91,7 @@ def announce(ctx: WorkerContext, trainee: Trainee, progress: Progress) -> None:
         {
             "phase": TrainerPhase.TRAINING.value,
             "step": state.step,
-            "total_steps": budget.total_steps + baseline_steps,
+            "total_steps": budget.total_steps + extra_steps,
             "epoch": state.step / budget.steps_per_epoch,
             "trainable_parameters": plan.trainable_parameters,
             "resumed_from_step": state.resumed_from_step,

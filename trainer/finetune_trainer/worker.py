@@ -8,10 +8,12 @@ optimizer itself. A `Trainee` is one trainable thing with its data and optimizer
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,29 @@ from transformers import (
 from finetune_trainer import data, features, sources, strategies
 from finetune_trainer.errors import InvalidSpecError, ModelNotFoundError
 from finetune_trainer.progress import Board
-from finetune_trainer.spec import FineTuneJobSpec, HyperparametersSpec, Pooling, Precision, Strategy, Task, parse_spec
+from finetune_trainer.spec import (
+    Baseline,
+    FineTuneJobSpec,
+    HyperparametersSpec,
+    Pooling,
+    Precision,
+    Strategy,
+    Task,
+    parse_spec,
+)
 
 log = logging.getLogger(__name__)
 # A new linear head over frozen features learns at the usual rate for a freshly initialised head, whatever rate
 # the spec sets for its own strategy (the probe baseline; strategy head itself uses the spec's rate).
 PROBE_LEARNING_RATE = 1e-3
+# A linear head over cached features trains for at least this many optimizer steps unless method.headEpochs says
+# otherwise: bench/head_probe.py measured 96 steps (3 epochs of 1,000 SST-2 rows) at 0.72-0.75 dev accuracy and
+# 1,024 steps at 0.76-0.77, the level of L-BFGS logistic regression run to convergence on the same features.
+HEAD_MIN_STEPS = 1000
+# The head's steps are a (batch x hidden) by (hidden x labels) product: too small to split over threads, and on a
+# busy machine OpenMP's waiting threads dominate (bench/head_probe.py's recipe, 320 steps at load 6 on 2 cores:
+# 13-15 s on 2 threads, 0.35-0.45 s on 1). The body's encoding pass keeps the worker's threads.
+HEAD_THREADS = 1
 FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda"})
 
 
@@ -181,11 +200,37 @@ class Budget:
     epochs: int  # epochs the run touches
 
     @staticmethod
-    def of(*, batches_per_epoch: int, hp: HyperparametersSpec) -> Budget:
+    def of(*, batches_per_epoch: int, hp: HyperparametersSpec, epochs: int | None = None) -> Budget:
+        """epochs: passes over the training data, hyperparameters.epochs unless given (a head on cached features)."""
         accum = hp.gradient_accumulation_steps
         per_epoch = max(1, math.ceil(batches_per_epoch / accum))
-        total = hp.epochs * per_epoch if hp.max_steps is None else min(hp.epochs * per_epoch, hp.max_steps)
+        passes = hp.epochs if epochs is None else epochs
+        total = passes * per_epoch if hp.max_steps is None else min(passes * per_epoch, hp.max_steps)
         return Budget(accum, batches_per_epoch, per_epoch, total, math.ceil(total / per_epoch))
+
+
+def head_epochs(spec: FineTuneJobSpec, *, steps_per_epoch: int) -> int:
+    """Passes of a linear head over the cached features: method.headEpochs, else hyperparameters.epochs raised
+    until the head gets HEAD_MIN_STEPS optimizer steps (the body's single encoding pass does not depend on it)."""
+    if spec.method.head_epochs is not None:
+        return spec.method.head_epochs
+    return max(spec.hyperparameters.epochs, math.ceil(HEAD_MIN_STEPS / max(1, steps_per_epoch)))
+
+
+def baseline_steps(spec: FineTuneJobSpec, *, budget: Budget) -> int:
+    """Optimizer steps of the spec's baseline: the job's budget (scratch), a head's on cached features (probe)."""
+    if spec.evaluation.baseline is Baseline.NONE:
+        return 0
+    if spec.evaluation.baseline is Baseline.PROBE:
+        return feature_budget(spec, batches_per_epoch=budget.batches_per_epoch).total_steps
+    return budget.total_steps
+
+
+def feature_budget(spec: FineTuneJobSpec, *, batches_per_epoch: int) -> Budget:
+    """The step budget of a head on cached features (strategy head, the probe baseline)."""
+    hp = spec.hyperparameters
+    per_epoch = Budget.of(batches_per_epoch=batches_per_epoch, hp=hp).steps_per_epoch
+    return Budget.of(batches_per_epoch=batches_per_epoch, hp=hp, epochs=head_epochs(spec, steps_per_epoch=per_epoch))
 
 
 @dataclass
@@ -205,6 +250,7 @@ class Trainee:
     owners: list[int]
     scaler: torch.amp.GradScaler | None
     body: nn.Module | None = None  # the frozen body of a probe (saved with the head)
+    threads: int | None = None  # torch intra-op threads while this trainee trains (None: the worker's setting)
     pooling: Pooling | None = None
     first_token: bool = True
 
@@ -270,13 +316,20 @@ def _probe_trainee(ctx: WorkerContext, inputs: Inputs, *, name: str) -> Trainee:
             pooling.value, len(inputs.train), len(inputs.validation), time.monotonic() - started,
         )  # fmt: skip
     hidden = int(train_rows.features.shape[1])
-    head = features.LinearHead(hidden, len(inputs.label_names)).to(ctx.device)
+    standardisation = features.Standardisation.of(train_rows.features)
+    head = features.LinearHead(hidden, len(inputs.label_names), standardisation=standardisation).to(ctx.device)
     loader, sampler = _train_loader(ctx, features.FeatureDataset(train_rows), collate=None)
     eval_loader = DataLoader(features.FeatureDataset(eval_rows), batch_size=spec.hyperparameters.batch_size * 2)
-    budget = Budget.of(batches_per_epoch=len(loader), hp=spec.hyperparameters)
+    budget = feature_budget(spec, batches_per_epoch=len(loader))
     names = [n for n, _ in head.named_parameters()]
     total = sum(p.numel() for p in body.parameters()) + sum(p.numel() for p in head.parameters())
-    details = {"pooling": pooling.value, "featureExtraction": True, "hiddenSize": hidden}
+    details = {
+        "pooling": pooling.value,
+        "featureExtraction": True,
+        "hiddenSize": hidden,
+        "standardised": True,
+        "headEpochs": budget.epochs,
+    }
     plan = strategies.StrategyPlan(
         Strategy.HEAD, [strategies.GroupPlan("head", names)], sum(p.numel() for p in head.parameters()), total, details
     )
@@ -285,7 +338,20 @@ def _probe_trainee(ctx: WorkerContext, inputs: Inputs, *, name: str) -> Trainee:
         num_labels=len(inputs.label_names), learning_rate=PROBE_LEARNING_RATE if name == "probe" else None,
     )  # fmt: skip
     trainee.body, trainee.pooling, trainee.first_token = body, pooling, first_token
+    trainee.threads = HEAD_THREADS
     return trainee
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with this many torch intra-op threads (None: unchanged), then restore the worker's count."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _with_optimizer(
