@@ -92,17 +92,10 @@ def main() -> int:
     own = args.state_dir is None
     cluster = devcluster.up(state, nodes=1, log=print) if own else devcluster.attach(state)
     t0 = time.monotonic()
-    images = cluster.load_images(quickstart.IMAGES, log=print)
-    print(f"images ensured and imported: {time.monotonic() - t0:.0f} s")
     namespace = f"ttfs-{time.time_ns() % 10**6}"
+    setup = quickstart.Quickstart.for_cluster(cluster, job_namespace=namespace, work_dir=work)
+    print(f"images ensured and imported: {time.monotonic() - t0:.0f} s")
     cluster.kubectl("create", "namespace", namespace)
-    setup = quickstart.Quickstart(
-        cluster=cluster,
-        job_namespace=namespace,
-        operator_namespace=f"{namespace}-op",
-        images={k: v.ref for k, v in images.items()},
-        work_dir=work,
-    )
     try:
         t0 = time.monotonic()
         res = setup.run("setup", timeout=600)

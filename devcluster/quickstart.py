@@ -14,9 +14,10 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,28 @@ class Quickstart:
     work_dir: Path  # job file, helm's home, the script's log
     release: str = "quickstart"
     chart_values: Mapping[str, str] = dataclasses.field(default_factory=dict)  # more `--set key=value`
+
+    @classmethod
+    def for_cluster(
+        cls,
+        cluster: DevCluster,
+        *,
+        job_namespace: str,
+        work_dir: Path,
+        chart_values: Mapping[str, str] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> Quickstart:
+        """Our images built (cached) and imported into the cluster's nodes, and the script pointed at them; the
+        operator goes to `<job namespace>-op`."""
+        images = cluster.load_images(IMAGES, log=log)
+        return cls(
+            cluster=cluster,
+            job_namespace=job_namespace,
+            operator_namespace=f"{job_namespace[:50]}-op",
+            images={name: image.ref for name, image in images.items()},
+            work_dir=work_dir,
+            chart_values=dict(chart_values or {}),
+        )
 
     def env(self, *, job_file: Path, job: str = JOB, timeout: float = 1200) -> dict[str, str]:
         helm_home = self.work_dir / "helm"
@@ -162,6 +185,32 @@ class Quickstart:
         # The chart keeps its CRD on uninstall (crds.keep); the next install under another release or namespace
         # would refuse to adopt it.
         k("delete", "crd", CRD, "--ignore-not-found", "--wait=true", "--timeout=120s", check=False)
+
+
+@contextlib.contextmanager
+def platform(
+    cluster: DevCluster,
+    *,
+    prefix: str,
+    work_dir: Path,
+    chart_values: Mapping[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> Iterator[Quickstart]:
+    """`hack/kind-demo.sh setup` once (MinIO, Prometheus, the chart, the data) in a new namespace `<prefix>-<n>`, for
+    tests that apply their own jobs; on exit the release, its namespaces and the job namespace go."""
+    namespace = f"{prefix}-{time.time_ns() % 10**6}"
+    cluster.kubectl("create", "namespace", namespace)
+    setup = Quickstart.for_cluster(
+        cluster, job_namespace=namespace, work_dir=work_dir, chart_values=chart_values, log=log
+    )
+    try:
+        res = setup.run("setup", timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError(f"hack/kind-demo.sh setup failed:\n{(res.stdout + res.stderr)[-6000:]}")
+        yield setup
+    finally:
+        setup.teardown()
+        cluster.kubectl("delete", "namespace", namespace, "--ignore-not-found", "--wait=false", check=False)
 
 
 def _ready(url: str) -> bool:

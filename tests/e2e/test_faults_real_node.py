@@ -54,24 +54,8 @@ NODE = "node-0"
 @pytest.fixture(scope="module")
 def platform(real_cluster: devcluster.DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """MinIO, the chart and the data of the quick start, once for every fault (`hack/kind-demo.sh setup`)."""
-    images = real_cluster.load_images(quickstart.IMAGES, log=print)
-    suffix = f"{time.time_ns() % 10**6}"
-    job_ns, operator_ns = f"faults-{suffix}", f"faults-{suffix}-op"
-    real_cluster.kubectl("create", "namespace", job_ns)
-    setup = quickstart.Quickstart(
-        cluster=real_cluster,
-        job_namespace=job_ns,
-        operator_namespace=operator_ns,
-        images={name: image.ref for name, image in images.items()},
-        work_dir=tmp_path_factory.mktemp("faults"),
-    )
-    try:
-        res = setup.run("setup", timeout=600)
-        assert res.returncode == 0, f"hack/kind-demo.sh setup failed:\n{(res.stdout + res.stderr)[-6000:]}"
+    with quickstart.platform(real_cluster, prefix="faults", work_dir=tmp_path_factory.mktemp("faults")) as setup:
         yield setup
-    finally:
-        setup.teardown()
-        real_cluster.kubectl("delete", "namespace", job_ns, "--ignore-not-found", "--wait=false", check=False)
 
 
 @dataclass

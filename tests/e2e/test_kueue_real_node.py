@@ -69,26 +69,16 @@ def platform(real_cluster: devcluster.DevCluster, tmp_path_factory: pytest.TempP
     a queue with room for one job in the job namespace."""
     started = kueue_mod.attach(real_cluster) is None
     handle = kueue_mod.start(real_cluster, log=print, die_with_caller=True)
-    images = real_cluster.load_images(quickstart.IMAGES, log=print)
-    suffix = f"{time.time_ns() % 10**6}"
-    job_ns, operator_ns = f"kueue-{suffix}", f"kueue-{suffix}-op"
-    real_cluster.kubectl("create", "namespace", job_ns)
-    setup = quickstart.Quickstart(
-        cluster=real_cluster,
-        job_namespace=job_ns,
-        operator_namespace=operator_ns,
-        images={name: image.ref for name, image in images.items()},
-        work_dir=tmp_path_factory.mktemp("kueue"),
-        chart_values={"kueue.enabled": "true"},
-    )
+    work = tmp_path_factory.mktemp("kueue")
     try:
-        res = setup.run("setup", timeout=600)
-        assert res.returncode == 0, f"hack/kind-demo.sh setup failed:\n{(res.stdout + res.stderr)[-6000:]}"
-        with make_queue(real_cluster, job_ns, quota=QUOTA, labelled_flavor=False) as queue:
+        with (
+            quickstart.platform(
+                real_cluster, prefix="kueue", work_dir=work, chart_values={"kueue.enabled": "true"}
+            ) as setup,
+            make_queue(real_cluster, setup.job_namespace, quota=QUOTA, labelled_flavor=False) as queue,
+        ):
             yield Platform(setup=setup, queue=queue)
     finally:
-        setup.teardown()
-        real_cluster.kubectl("delete", "namespace", job_ns, "--ignore-not-found", "--wait=false", check=False)
         if started:
             kueue_mod.stop(real_cluster, handle)
 

@@ -66,14 +66,7 @@ class PodRecorder:
 
 @pytest.fixture
 def demo(real_cluster: devcluster.DevCluster, real_namespace: str, tmp_path: Path) -> Iterator[quickstart.Quickstart]:
-    images = real_cluster.load_images(quickstart.IMAGES, log=print)
-    run = quickstart.Quickstart(
-        cluster=real_cluster,
-        job_namespace=real_namespace,
-        operator_namespace=f"{real_namespace[:50]}-op",
-        images={name: image.ref for name, image in images.items()},
-        work_dir=tmp_path,
-    )
+    run = quickstart.Quickstart.for_cluster(real_cluster, job_namespace=real_namespace, work_dir=tmp_path)
     try:
         yield run
     finally:
