@@ -219,6 +219,31 @@ def test_reused_output_prefix_never_shows_an_old_manifest_or_old_files(
     assert artifacts.verify(storage.resolve(str(out), storage=None)) == []
 
 
+def train_until_a_checkpoint(
+    ray_cluster: RayCluster,
+    spec: dict[str, Any],
+    tmp_path: Path,
+    *,
+    name: str,
+    attempt: int,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """`finetune train` (as the head pod runs it) on the local Ray cluster, returned once Ray Train has registered
+    its first checkpoint; its termination log is <tmp_path>/term."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_manifest(name=name, spec=spec)))
+    full_env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"), **(env or {})}
+    cmd = [str(VENV_BIN / "finetune"), "train", "--config", str(job), "--attempt", str(attempt), "--metrics-port",
+           "0", "--ray-address", ray_cluster.address]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=full_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not registered_steps(Path(spec["output"]["uri"]) / "checkpoints" / name):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.timeout(420)
 def test_sigterm_reports_interrupted_with_the_log_of_attempt_n(
     ray_cluster: RayCluster, tiny_models: dict[str, Path], sst_data: dict[str, Path], tmp_path: Path
@@ -229,17 +254,7 @@ def test_sigterm_reports_interrupted_with_the_log_of_attempt_n(
         hyperparameters={"batchSize": 2, "maxSteps": 400, "epochs": 10, "learningRate": "1e-4"},
         checkpoint={"everySteps": 5, "keep": 2},
     )  # fmt: skip
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(job_manifest(name="term-me", spec=spec)))
-    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(tmp_path / "term")}
-    cmd = [str(VENV_BIN / "finetune"), "train", "--config", str(job), "--attempt", "3", "--metrics-port", "0",
-           "--ray-address", ray_cluster.address]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not registered_steps(out / "checkpoints" / "term-me"):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.2)
+    proc = train_until_a_checkpoint(ray_cluster, spec, tmp_path, name="term-me", attempt=3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == ExitCode.INTERRUPTED, err[-3000:]
@@ -262,17 +277,9 @@ def test_sigterm_with_a_drain_budget_checkpoints_the_next_step(
         hyperparameters={"batchSize": 2, "maxSteps": 400, "epochs": 10, "learningRate": "1e-4"},
         checkpoint={"everySteps": 20, "keep": 2}, resources={"workers": 2, "cpusPerWorker": "1"},
     )  # fmt: skip
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(job_manifest(name="drain-me", spec=spec)))
-    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"), STOP_DRAIN_ENV: "120"}
-    cmd = [str(VENV_BIN / "finetune"), "train", "--config", str(job), "--attempt", "1", "--metrics-port", "0",
-           "--ray-address", ray_cluster.address]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not registered_steps(out / "checkpoints" / "drain-me"):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.2)
+    proc = train_until_a_checkpoint(
+        ray_cluster, spec, tmp_path, name="drain-me", attempt=1, env={STOP_DRAIN_ENV: "120"}
+    )
     before = max(registered_steps(out / "checkpoints" / "drain-me"))
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
