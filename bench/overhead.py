@@ -3,11 +3,12 @@ in-process Hugging Face `Trainer`, their ratio, and where the time goes, in one 
 
 Both sides train all-MiniLM-L6-v2 (full fine-tuning, fp32, batch 32, maxSeqLength 64) on the same SST-2 rows
 (the quick-start subset shipped in examples/data/sst2) for the same number of optimizer steps, with the same torch
-thread count, the same tokenisation and padding. Like for like means the training loop on both sides: the HF
-side's `train_samples_per_second` (its whole `train()`, no evaluation, no saving) against the Ray worker's loop
-minus the evaluations and Ray Train reports/checkpoints it makes inside the loop (printed separately). The runs
-are interleaved (HF, Ray, HF, Ray, ...) so a change in background load hits both alike; the best run of each
-side counts, and every run is printed.
+thread count, the same tokenisation and padding, and the same batches in the same order (the HF side draws them
+with the Ray worker's sampler, so both pad the same batches to the same lengths). Like for like means the training
+loop on both sides: the HF side's `train_samples_per_second` (its whole `train()`, no evaluation, no saving)
+against the Ray worker's loop minus the evaluations and Ray Train reports/checkpoints it makes inside the loop
+(printed separately). The runs are interleaved (HF, Ray, HF, Ray, ...) so a change in background load hits both
+alike; the best run of each side counts, and every run is printed.
 
     HF_HOME=.cache/hf HF_HUB_OFFLINE=1 .venv/bin/python bench/overhead.py [--samples 640] [--repeats 3]
 """
@@ -31,10 +32,11 @@ import ray
 import torch
 from finetune_trainer import sources
 from finetune_trainer.data import prepare
-from finetune_trainer.driver import RunOptions, run_training
+from finetune_trainer.driver import CONTROLLER_POLL_ENV, RunOptions, controller_env, run_training
 from finetune_trainer.features import encode, make_collate
 from finetune_trainer.local import start_local_ray
 from finetune_trainer.spec import FineTuneJobSpec, parse_spec
+from torch.utils.data import DistributedSampler
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -47,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT / "examples" / "data" / "sst2"  # the quick-start subset shipped in the repo
 MODEL = "hf://sentence-transformers/all-MiniLM-L6-v2"
 BATCH = 32
+SEED = 42  # the spec's default hyperparameters.seed, which the Ray worker's sampler uses
 
 
 def spec_for(samples: int) -> FineTuneJobSpec:
@@ -65,6 +68,15 @@ def spec_for(samples: int) -> FineTuneJobSpec:
             "checkpoint": {"everySteps": 100_000, "keep": 1},
         }
     )
+
+
+class SameOrderTrainer(Trainer):
+    """HF's Trainer drawing the Ray worker's batches in the Ray worker's order (worker.py: a DistributedSampler of
+    one replica, shuffled with the spec's seed, epoch 0), so both sides pad the same batches to the same lengths."""
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> DistributedSampler[Any]:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=SEED)
 
 
 class StepTimer(TrainerCallback):
@@ -100,10 +112,12 @@ def _hf_train(samples: int, threads: int) -> dict[str, Any]:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=1e-4,
             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
-            seed=42,
+            seed=SEED,
         )  # fmt: skip
         collate = make_collate(tok.pad_token_id, task=spec.task)
-        trainer = Trainer(model=model, args=args, train_dataset=feats, data_collator=collate, callbacks=[timer])
+        trainer = SameOrderTrainer(
+            model=model, args=args, train_dataset=feats, data_collator=collate, callbacks=[timer]
+        )
         cpu_before = time.process_time()
         out = trainer.train()
         cpu = time.process_time() - cpu_before
@@ -183,6 +197,7 @@ def ray_train(samples: int, threads: int) -> dict[str, Any]:
     timing = result.summary["timing"]
     cpu = sampler.between(timing["startedAt"], timing["startedAt"] + timing["loop"])
     worker = sum(v for k, v in cpu.items() if "RayTrainWorker" in k)
+    controller = sum(v for k, v in cpu.items() if "TrainController" in k)
     worker_proc = next((v for k, v in sampler.procs.items() if "RayTrainWorker" in k), {})
     steps = int(result.summary["steps"])
     like_for_like = timing["loop"] - timing["eval"] - timing["report"]
@@ -199,6 +214,8 @@ def ray_train(samples: int, threads: int) -> dict[str, Any]:
         "wall_seconds_including_startup": wall,
         "cpu_seconds_in_loop_training_worker": worker,
         "cpu_seconds_in_loop_other_ray_processes": sum(cpu.values()) - worker,
+        "cpu_seconds_in_loop_train_controller": controller,
+        "controller_poll_seconds": os.environ.get(CONTROLLER_POLL_ENV) or controller_env({})[CONTROLLER_POLL_ENV],
         "cpu_seconds_in_loop_by_process": dict(sorted(cpu.items(), key=lambda kv: -kv[1])[:8]),
         "nice": worker_proc.get("nice"),
         "os_threads": worker_proc.get("os_threads"),

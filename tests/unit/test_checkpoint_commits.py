@@ -133,7 +133,7 @@ def test_a_checkpoint_is_announced_once_ray_train_committed_it(controller: FakeC
     checkpointer = loop.Checkpointer(ctx, every_steps=4)
     trainee: Any = SimpleNamespace(budget=SimpleNamespace(steps_per_epoch=4))
     progress = checkpoints.Progress(state=checkpoints.RunState(step=8))
-    checkpointer.report(trainee, progress, {}, save=True)
+    checkpointer.checkpoint(trainee, progress, {})
     controller.wait_questions(2)  # asked, and asked again: the controller has not committed step 8
     assert board.announced() == [], "announced a checkpoint Ray Train had not committed"
     controller.committed.add(8)
@@ -148,7 +148,7 @@ def test_other_ranks_announce_nothing(controller: FakeController) -> None:
     checkpointer = loop.Checkpointer(ctx, every_steps=4)
     assert checkpointer.commits is None
     trainee: Any = SimpleNamespace(budget=SimpleNamespace(steps_per_epoch=4))
-    checkpointer.report(trainee, checkpoints.Progress(state=checkpoints.RunState(step=4)), {}, save=True)
+    checkpointer.checkpoint(trainee, checkpoints.Progress(state=checkpoints.RunState(step=4)), {})
     assert board.pushed == [] and controller.questions == 0
 
 

@@ -111,7 +111,7 @@ def finish(ctx: WorkerContext, inputs: Inputs, loop: Loop, *, summary_base: dict
     wall = loop.wall_seconds()
     if ctx.spec.evaluation.baseline is not Baseline.NONE and state.baseline is None:
         if loop.checkpointer is not None and state.last_checkpoint_step != state.step:
-            loop.checkpointer.report(loop.trainee, loop.progress, {}, save=True)  # the baseline never redoes this
+            loop.checkpointer.checkpoint(loop.trainee, loop.progress, {})  # the baseline never redoes this
         state.baseline = run_baseline(ctx, inputs, policy=policy, step_offset=loop.trainee.budget.total_steps)
     kept = keep(loop)
     ctx.board.push({"phase": TrainerPhase.SAVING.value, "eval": kept.metrics}, force=True)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,8 @@ from finetune_trainer.worker import Trainee, WorkerContext, torch_threads, train
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
+# The least time between two looks at the driver's stop request (a drain budget is tens of seconds).
+STOP_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -56,23 +58,18 @@ class EvalPolicy:
 
 
 class Checkpointer:
-    """The job's model reports to Ray Train (a barrier on every rank) and checkpoints every N steps; rank 0 announces
-    a checkpoint to the driver once Ray Train has committed it (commits.py says why not before)."""
+    """The job's model checkpoints every N steps through `ray.train.report` (a barrier on every rank); rank 0
+    announces a checkpoint to the driver once Ray Train has committed it (commits.py says why not before)."""
 
     def __init__(self, ctx: WorkerContext, *, every_steps: int) -> None:
         self.ctx, self.every_steps = ctx, every_steps
         chief = ctx.is_chief
         self.commits = commits.CommitWatch(fetch=committed_checkpoints, announce=self.announce) if chief else None
 
-    def due(self, step: int, total: int) -> bool:
-        return step % self.every_steps == 0 and step < total
-
-    def report(self, trainee: Trainee, progress: Progress, metrics: dict[str, float], *, save: bool) -> None:
+    def checkpoint(self, trainee: Trainee, progress: Progress, metrics: dict[str, float]) -> None:
+        """Write this step's checkpoint (rank 0) and report it, with the step's evaluation if any, on every rank."""
         state = progress.state
         values = {"step": state.step, "epoch": state.step / trainee.budget.steps_per_epoch, **metrics}
-        if not save:
-            ray.train.report(values)
-            return
         with checkpoints.written(self.ctx, trainee, progress) as ckpt:
             ray.train.report(values, checkpoint=ckpt, checkpoint_dir_name=checkpoints.checkpoint_name(state.step))
         if self.commits is not None:
@@ -95,15 +92,17 @@ class StopPoll:
     """Whether the driver asked for a checkpoint and a stop (SIGTERM on the head with a drain budget), as one answer
     for every rank.
 
-    Rank 0 asks the ProgressBoard without waiting: one request in flight, looked at once per step. The ranks then
-    agree with an all-reduce (max), so that all of them checkpoint at the same step (`ray.train.report` is a
-    barrier) and leave the loop together. Called once per step on every rank.
+    Rank 0 asks the ProgressBoard without waiting: one request in flight, looked at no more than once per
+    `STOP_POLL_S` (a `head` step takes about a millisecond; an actor call and a `ray.wait` per step would cost as
+    much as the step). The ranks then agree with an all-reduce (max), so that all of them checkpoint at the same
+    step (`ray.train.report` is a barrier) and leave the loop together. Called once per step on every rank.
     """
 
-    def __init__(self, board: Any, ctx: WorkerContext) -> None:
+    def __init__(self, board: Any, ctx: WorkerContext, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.board = board if ctx.is_chief else None
         self.device, self.world = ctx.device, ctx.world
         self.pending: Any = None
+        self.clock, self.next_look = clock, 0.0
 
     def __call__(self) -> bool:
         asked = self._ask_board()
@@ -114,8 +113,10 @@ class StopPoll:
         return asked
 
     def _ask_board(self) -> bool:
-        if self.board is None:
+        now = self.clock()
+        if self.board is None or now < self.next_look:
             return False
+        self.next_look = now + STOP_POLL_S
         try:
             if self.pending is None:
                 self.pending = self.board.stop_requested.remote()
@@ -127,6 +128,17 @@ class StopPoll:
             self.board = None
             return False
         return answer
+
+
+def periodic_checkpoint(*, step: int, every_steps: int, total_steps: int, stopped_early: bool) -> bool:
+    """Whether this step reports to Ray Train: only when its periodic checkpoint is due, never for an evaluation
+    alone. Ray Train keeps nothing of a metrics-only report (its result is the latest checkpoint's), the
+    evaluations reach the driver through the progress board, and each report waits for the controller to drain
+    the worker's one-slot result queue (up to one poll, `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`): a `head` run that
+    evaluates after each of hundreds of passes spent minutes there. The last step and a step that stopped early
+    report nothing here: the finish reports the completion record (and checkpoints first when a baseline
+    follows). Every rank computes the same answer from the same step, so all make the same report calls."""
+    return step % every_steps == 0 and step < total_steps and not stopped_early
 
 
 def stop_needs_checkpoint(*, saved: bool, last: bool, stopped_early: bool) -> bool | None:
@@ -229,20 +241,20 @@ class Loop:
         every = self.policy.every_steps
         due_eval = state.step % every == 0 if every is not None else at_epoch_end
         metrics = self.evaluate() if due_eval else {}
-        saved = False
-        if self.checkpointer is not None:
-            due_ckpt = self.checkpointer.due(state.step, budget.total_steps)
-            if due_ckpt or metrics:
-                saved = due_ckpt and not state.stopped_early
-                self._report(metrics, save=saved)
+        saved = self.checkpointer is not None and periodic_checkpoint(
+            step=state.step, every_steps=self.checkpointer.every_steps, total_steps=budget.total_steps,
+            stopped_early=state.stopped_early,
+        )  # fmt: skip
+        if saved:
+            self._checkpoint(metrics)
         if self.stop is not None and self.checkpointer is not None and self.stop():
             self._stop_on_request(saved=saved, last=last)
         return last or state.stopped_early or at_epoch_end or self.stopped_on_request
 
-    def _report(self, metrics: dict[str, float], *, save: bool) -> None:
+    def _checkpoint(self, metrics: dict[str, float]) -> None:
         assert self.checkpointer is not None
         started = time.monotonic()
-        self.checkpointer.report(self.trainee, self.progress, metrics, save=save)
+        self.checkpointer.checkpoint(self.trainee, self.progress, metrics)
         self.report_seconds += time.monotonic() - started
 
     def _stop_on_request(self, *, saved: bool, last: bool) -> None:
@@ -251,7 +263,7 @@ class Loop:
         if needed is None:
             return
         if needed:
-            self._report({}, save=True)
+            self._checkpoint({})
         self.stopped_on_request = True
         if self.ctx.is_chief:
             log.warning("stopping at step %d on request (SIGTERM on the head): checkpoint written", self.state.step)
