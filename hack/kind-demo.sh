@@ -129,7 +129,7 @@ wait_for_job() {
         kc -n "$JOB_NS" describe ftj "$JOB" || true
         die "ftj/$JOB Failed; the reason is in the conditions above. See docs/troubleshooting.md." ;;
     esac
-    sleep 10
+    sleep 3  # two kubectl gets per poll; a line is printed only when it changed
   done
   kc -n "$JOB_NS" describe ftj "$JOB" || true
   kc -n "$JOB_NS" get pods -l "finetune.dev/job=$JOB" -o wide || true

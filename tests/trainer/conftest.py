@@ -108,9 +108,11 @@ def ray_cluster(trainer_env: TrainerEnv) -> Iterator[RayCluster]:
         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
     ]  # fmt: skip
     log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, **trainer_env.env()}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    # No drain on SIGTERM: `ray start --block` otherwise first asks the GCS (which the same SIGTERM to the group
+    # stops) to drain the node and waits up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s) -- every session's
+    # teardown waited it out and then killed the group.
+    env = {**os.environ, **trainer_env.env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     try:

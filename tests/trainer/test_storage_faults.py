@@ -4,6 +4,10 @@ Real servers only: MinIO behind `FaultProxy` (real 503/429 responses and real co
 inside pyarrow) and `FakeHub` (the real huggingface_hub client against an HTTP endpoint serving a tiny model),
 behind the same proxy. The hub checks run in a subprocess because huggingface_hub reads HF_ENDPOINT and
 HF_HUB_OFFLINE once at import, exactly as in a pod.
+
+The trainer's own back-off (storage.RetryPolicy: 1, 2, 4, 8 s between its 5 attempts) runs 100 times shorter here
+(`short_backoff`, also inside the hub probe): the tests assert which errors are retried, how many attempts are made
+and the reason at the end, not how long the waits are (unit/test_trainer_quality.py checks the delays themselves).
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ from tests.trainer.conftest import REPO_ROOT
 from tests.trainer.datafiles import job_manifest
 from tests.trainer.fakehub import FakeHub
 from tests.trainer.faultproxy import FaultProxy
+
+BACKOFF_SCALE = 0.01
+
+
+@pytest.fixture(autouse=True)
+def short_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same back-off schedule, BACKOFF_SCALE times as long (a lasting outage otherwise waits 15 s per read)."""
+    delay = storage.RetryPolicy.delay
+    monkeypatch.setattr(storage.RetryPolicy, "delay", lambda self, attempt: delay(self, attempt) * BACKOFF_SCALE)
 
 
 @pytest.fixture
@@ -87,16 +100,18 @@ def test_finetune_run_exits_with_the_retryable_reason_when_storage_stays_down(
     assert report.reason == Reason.STORAGE_ERROR.value and "503" in report.message
 
 
-HUB_PROBE = """
+HUB_PROBE = f"""
 import json, sys
-from finetune_trainer import sources
+from finetune_trainer import sources, storage
+delay = storage.RetryPolicy.delay
+storage.RetryPolicy.delay = lambda self, attempt: delay(self, attempt) * {BACKOFF_SCALE}  # as short_backoff
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.spec import ModelSource
 try:
     path = sources.resolve_model(ModelSource(uri=sys.argv[1]), storage_spec=None)
-    print(json.dumps({"ok": str(path)}))
+    print(json.dumps({{"ok": str(path)}}))
 except TrainerError as e:
-    print(json.dumps({"reason": e.reason.value, "message": e.message}))
+    print(json.dumps({{"reason": e.reason.value, "message": e.message}}))
 """
 
 
