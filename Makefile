@@ -42,6 +42,7 @@ lint: venv ## ruff + mypy --strict + import contracts
 	$(VENV)/bin/ruff check operator trainer devcluster tests bench hack
 	$(VENV)/bin/ruff format --check operator trainer devcluster tests bench hack
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench  # scripts, not a package: checked on their own (strict, same settings)
 	$(VENV)/bin/lint-imports
 
 test-unit: venv ## fast pure-function tests only

@@ -95,7 +95,7 @@ def adamw(
             idx = order[start : start + batch]
             loss = torch.nn.functional.cross_entropy(head(x[idx]), y[idx])
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's stubs leave it untyped
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
             opt.step()
             sched.step()
@@ -111,10 +111,10 @@ def lbfgs(x: torch.Tensor, y: torch.Tensor, *, l2: float) -> tuple[torch.Tensor,
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + l2 / 2 * weight.pow(2).sum()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
-    opt.step(closure)
+    opt.step(closure)  # type: ignore[no-untyped-call]
     return weight.detach(), bias.detach()
 
 

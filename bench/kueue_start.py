@@ -77,7 +77,7 @@ def _queue(custom: k8s.CustomObjectsApi) -> None:
 
 
 def _submit(custom: k8s.CustomObjectsApi, name: str, priority: int) -> str:
-    body = {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": name}, "spec": SPEC}
+    body = {"apiVersion": names.GROUP_VERSION, "kind": names.KIND, "metadata": {"name": name}, "spec": SPEC}
     job = call_json(custom.create_namespaced_custom_object, names.GROUP, ftspec.API_VERSION, NS, names.PLURAL, body)
     ident = names.JobIdentity(name=name, namespace=NS, uid=job["metadata"]["uid"])
     settings = Settings(identity="bench")

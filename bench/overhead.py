@@ -76,6 +76,7 @@ class SameOrderTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> DistributedSampler[Any]:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        assert dataset is not None, "the bench always gives a train dataset"
         return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=SEED)
 
 

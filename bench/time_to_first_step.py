@@ -80,6 +80,18 @@ def one_run(setup: quickstart.Quickstart, name: str, *, timeout: float = 900) ->
         return figures
     finally:
         cluster.kubectl("-n", namespace, "delete", "ftj", name, "--wait=true", "--timeout=180s", check=False)
+        _wait_pods_gone(cluster, namespace, name)
+
+
+def _wait_pods_gone(cluster: devcluster.DevCluster, namespace: str, name: str, *, timeout: float = 300) -> None:
+    """The next run starts on an empty node: a deleted job's pods still terminating would hold its CPUs, and the
+    next job's "scheduled" would measure their grace period instead of the scheduler."""
+    deadline = time.monotonic() + timeout
+    selector = f"finetune.dev/job={name}"
+    while cluster.kubectl("-n", namespace, "get", "pods", "-l", selector, "-o", "name", check=False).stdout.strip():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name}: pods still there {timeout:.0f} s after the job was deleted")
+        time.sleep(1)
 
 
 def main() -> int:

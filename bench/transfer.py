@@ -53,7 +53,7 @@ def random_init_model(target: Path) -> Path:
     """The same architecture and tokenizer as MiniLM, with freshly initialised weights."""
     source = packaged_model_dir()
     config = AutoConfig.from_pretrained(source)
-    AutoModel.from_config(config).save_pretrained(target)
+    AutoModel.from_config(config).save_pretrained(target)  # type: ignore[no-untyped-call]
     AutoTokenizer.from_pretrained(source).save_pretrained(target)
     return target
 
