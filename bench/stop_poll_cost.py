@@ -11,6 +11,7 @@ Ray task on a local Ray against a real ProgressBoard actor, and the time of one 
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 import time
@@ -43,7 +44,7 @@ def head_step_seconds(steps: int) -> float:
     x, y = torch.randn(32, 384), torch.randint(0, 2, (32,))
     started = time.perf_counter()
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(head(x), y)
+        loss: Any = torch.nn.functional.cross_entropy(head(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(head.parameters()), 1.0)
         optimizer.step()
@@ -56,9 +57,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args()
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        board: Any = ray.remote(num_cpus=0)(ProgressBoard).remote()
         ray.get(board.snapshot.remote())
         polls = [ray.get(per_step_poll.remote(board, args.steps)) for _ in range(2)]
     finally:
