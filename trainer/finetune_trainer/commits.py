@@ -4,9 +4,10 @@ committed it, i.e. once it is the checkpoint a restart would resume from.
 Why not right after `ray.train.report(..., checkpoint=...)` returns: in Ray Train 2.60 (V2) `report` uploads the
 checkpoint and puts the result on the worker's own one-slot result queue, then returns (`TrainContext.report`,
 `_wait_then_report`). The controller picks the results up when it polls the worker group (every
-`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, 2 s by default, longer on a busy node); only once it holds the report of *every*
-rank for that round does the `ReportCallbackHandler` consolidate it and the `CheckpointManager` register it: it
-becomes `latest_checkpoint_result` and the run snapshot (`checkpoint_manager_snapshot.json`) is rewritten in storage.
+`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`: Ray's default 2 s, 0.5 s as our driver runs it, longer on a busy node); only
+once it holds the report of *every* rank for that round does the `ReportCallbackHandler` consolidate it and the
+`CheckpointManager` register it: it becomes `latest_checkpoint_result` and the run snapshot
+(`checkpoint_manager_snapshot.json`) is rewritten in storage.
 A restarted worker group gets exactly that `latest_checkpoint_result` (`before_init_train_context`), and a new
 attempt (a new Ray cluster) gets it from the snapshot. If a worker dies between its report and the controller's
 poll, the uploaded directory stays in storage but was never registered: the restart resumes from the previous
