@@ -226,6 +226,7 @@ def test_ray_environment_avoids_known_pod_pitfalls() -> None:
     for pod in (rendered.head, *rendered.workers):
         env = _env(pod)
         assert env["RAY_AUTH_MODE"] == "disabled" and env["GRPC_DNS_RESOLVER"] == "native"
+        assert env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "0"  # no idle 30 s drain when a Ray pod stops
     head_cmd = _container(rendered.head)["command"][-1]
     assert "--ray-client-server-port" not in head_cmd and "ray stop" not in head_cmd
     assert "RAY_ADDRESS=$POD_IP:6379 finetune train" in head_cmd
