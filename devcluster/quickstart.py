@@ -46,12 +46,6 @@ SMALL_SPEC: dict[str, Any] = {
     "resources": {"cpusPerWorker": "500m", "memoryPerWorker": "2Gi", "head": {"cpu": "400m", "memory": "2Gi"}},
     "checkpoint": {"everySteps": 2, "keep": 2},
 }
-# The quick-start test's own size, on top of SMALL_SPEC (whose 4 steps per epoch the fault and Kueue tests count):
-# 32 of the TRAIN_ROWS uploaded = 2 steps per worker, so the one checkpoint falls on the last step, and 16 eval rows.
-# Training is ~20 s of a ~5 min job on the node (the rest: Ray and the driver starting under their CPU limits,
-# Ray's drains at the end); the head serves the step and loss series from the first step until the driver exits
-# (~40 s, ~8 scrapes at the in-cluster Prometheus's 5 s), so the test still finds them.
-QUICK_SPEC: dict[str, Any] = {"dataset": {"maxTrainSamples": 32, "maxEvalSamples": 16}}
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,8 +10,8 @@ caches, a memory-backed /dev/shm, no service-account token), and the script ends
 --for=condition=Succeeded` and `demo_s3.py verify` (every file of the manifest, size and sha256).
 
 Test-sized, not the kind job verbatim: the same examples/quickstart-kind.yaml (the real all-MiniLM-L6-v2 from the
-image's seeded cache, LoRA, two workers) with 32 training rows (quickstart.QUICK_SPEC), short sequences and CPU
-requests that fit the node's two cores next to the operator, MinIO and CoreDNS.
+image's seeded cache, LoRA, two workers) with 64 training rows, short sequences and CPU requests that fit the
+node's two cores next to the operator, MinIO and CoreDNS.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def test_kind_quick_start_succeeds_on_the_real_node_under_the_restricted_securit
     real_cluster: devcluster.DevCluster, real_namespace: str, demo: quickstart.Quickstart
 ) -> None:
     with PodRecorder(real_cluster, real_namespace) as ray_pods:
-        res = demo.run("demo", job=quickstart.quickstart_job(quickstart.QUICK_SPEC), timeout=DEMO_TIMEOUT)
+        res = demo.run("demo", timeout=DEMO_TIMEOUT)
     output = res.stdout + res.stderr
     print(output[-8000:])
     assert res.returncode == 0, f"hack/kind-demo.sh demo failed ({res.returncode}):\n{output[-6000:]}"
