@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from finetune_trainer.driver import environment
 from finetune_trainer.hfcache import seed_repo
 
 from tests.trainer import datafiles, tiny
@@ -74,16 +75,8 @@ def trainer_env(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str,
     for arch, path in tiny_models.items():
         seed_repo(source=path, repo_id=f"tiny-org/{arch}", hub_cache=env.hf_home / "hub")
     env.pvc_root.mkdir()
-    saved = {k: os.environ.get(k) for k in env.env()}
-    os.environ.update(env.env())
-    try:
+    with environment(env.env()):
         yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from finetune_trainer import artifacts, storage
+from finetune_trainer.driver import environment
 from finetune_trainer.spec import StorageSpec
 
 from tests.servers.s3 import S3Server
@@ -30,9 +31,7 @@ def test_finetune_run_s3_round_trip(
     env.update({**trainer_env.env(), **s3_server.env(), "FINETUNE_TERMINATION_LOG": str(tmp_path / "term")})
     env.pop("RAY_AUTH_MODE", None)
     spec_storage = StorageSpec(endpoint=s3_server.endpoint, region=s3_server.region)
-    old = {k: os.environ.get(k) for k in s3_server.env()}
-    os.environ.update(s3_server.env())
-    try:
+    with environment(s3_server.env()):
         storage.upload_dir(tiny_models["bert"], storage.resolve(f"s3://{bucket}/models/bert", storage=spec_storage))
         for split in ("train", "dev"):
             storage.upload_file(
@@ -69,9 +68,3 @@ def test_finetune_run_s3_round_trip(
         assert any(p.startswith("checkpoints/e2e/") for p in stored)
         assert not (tmp_path / "runs").exists()
         assert s3_server.secret_key not in proc.stdout + proc.stderr
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

@@ -185,7 +185,9 @@ def tiny_bert(directory: Path) -> Path:
     return directory
 
 
-def test_head_trainee_trains_on_cached_features_and_its_export_reproduces_the_accuracy(tmp_path: Path) -> None:
+def tiny_head_context(tmp_path: Path, **extra: Any) -> WorkerContext:
+    """Rank 0 of a `head` job on a tiny BERT and 160 SST-2 rows (10 steps per pass), no board; `extra` adds spec
+    sections (e.g. checkpoint)."""
     spec = parse_spec(
         {
             "model": {"uri": str(tiny_bert(tmp_path / "bert"))},
@@ -193,15 +195,20 @@ def test_head_trainee_trains_on_cached_features_and_its_export_reproduces_the_ac
                         "textColumn": "sentence", "maxTrainSamples": 160, "maxEvalSamples": 64},
             "method": {"strategy": "head", "pooling": "mean"},
             "hyperparameters": {"learningRate": "1e-3", "epochs": 3, "batchSize": 16, "maxSeqLength": 32},
+            **extra,
         }
     )  # fmt: skip
-    ctx = WorkerContext(spec=spec, rank=0, world=1, device=torch.device("cpu"), dtype=None, base_dir=None,
-                        output_uri=str(tmp_path / "out"), run_name="t", board=Board(None, enabled=False))  # fmt: skip
+    return WorkerContext(spec=spec, rank=0, world=1, device=torch.device("cpu"), dtype=None, base_dir=None,
+                         output_uri=str(tmp_path / "out"), run_name="t", board=Board(None, enabled=False))  # fmt: skip
+
+
+def test_head_trainee_trains_on_cached_features_and_its_export_reproduces_the_accuracy(tmp_path: Path) -> None:
+    ctx = tiny_head_context(tmp_path)
     inputs = load_inputs(ctx)
     trainee = build_trainee(ctx, inputs)
     assert trainee.budget.total_steps == HEAD_MIN_STEPS  # 10 steps per epoch: 100 passes, not the spec's 3
     assert trainee.plan.details["headEpochs"] == 100 and trainee.threads == 1
-    loop = Loop(ctx, trainee, Progress(), policy=EvalPolicy.of(spec), checkpointer=None)
+    loop = Loop(ctx, trainee, Progress(), policy=EvalPolicy.of(ctx.spec), checkpointer=None)
     loop.run()
     assert loop.state.step == HEAD_MIN_STEPS
     final = loop.state.history[-1]

@@ -23,11 +23,9 @@ from finetune_trainer import checkpoints, loop
 from finetune_trainer.checkpoints import Progress
 from finetune_trainer.driver import CONTROLLER_POLL_ENV, controller_env, environment
 from finetune_trainer.loop import Checkpointer, EvalPolicy, Loop, StopPoll, periodic_checkpoint
-from finetune_trainer.progress import Board
-from finetune_trainer.spec import parse_spec
-from finetune_trainer.worker import WorkerContext, build_trainee, load_inputs
+from finetune_trainer.worker import build_trainee, load_inputs
 
-from tests.unit.test_trainer_head import SST2, tiny_bert
+from tests.unit.test_trainer_head import tiny_head_context
 
 
 @dataclass(frozen=True)
@@ -89,21 +87,10 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
 
 
 def test_a_head_run_with_100_evaluations_reports_only_its_checkpoints(recorder: Recorder, tmp_path: Path) -> None:
-    spec = parse_spec(
-        {
-            "model": {"uri": str(tiny_bert(tmp_path / "bert"))},
-            "dataset": {"train": str(SST2 / "train.tsv"), "validation": str(SST2 / "dev.tsv"),
-                        "textColumn": "sentence", "maxTrainSamples": 160, "maxEvalSamples": 64},
-            "method": {"strategy": "head", "pooling": "mean"},
-            "hyperparameters": {"learningRate": "1e-3", "epochs": 3, "batchSize": 16, "maxSeqLength": 32},
-            "checkpoint": {"everySteps": 250},
-        }
-    )  # fmt: skip
-    ctx = WorkerContext(spec=spec, rank=0, world=1, device=torch.device("cpu"), dtype=None, base_dir=None,
-                        output_uri=str(tmp_path / "out"), run_name="t", board=Board(None, enabled=False))  # fmt: skip
+    ctx = tiny_head_context(tmp_path, checkpoint={"everySteps": 250})
     trainee = build_trainee(ctx, load_inputs(ctx))
     assert (trainee.budget.steps_per_epoch, trainee.budget.total_steps) == (10, 1000)  # 100 passes
-    run = Loop(ctx, trainee, Progress(), policy=EvalPolicy.of(spec),
+    run = Loop(ctx, trainee, Progress(), policy=EvalPolicy.of(ctx.spec),
                checkpointer=Checkpointer(ctx, every_steps=250))  # fmt: skip
     run.run()
     evaluated = [h["step"] for h in run.state.history if "eval_accuracy" in h]
