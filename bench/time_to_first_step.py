@@ -29,6 +29,7 @@ import yaml
 
 import devcluster
 from devcluster import quickstart
+from devcluster.testing import wait_for
 
 STAGES = ("apply", "scheduled", "ray_up", "model_loaded", "first_step")
 LABELS = {
@@ -83,15 +84,16 @@ def one_run(setup: quickstart.Quickstart, name: str, *, timeout: float = 900) ->
         _wait_pods_gone(cluster, namespace, name)
 
 
-def _wait_pods_gone(cluster: devcluster.DevCluster, namespace: str, name: str, *, timeout: float = 300) -> None:
+def _wait_pods_gone(cluster: devcluster.DevCluster, namespace: str, name: str) -> None:
     """The next run starts on an empty node: a deleted job's pods still terminating would hold its CPUs, and the
     next job's "scheduled" would measure their grace period instead of the scheduler."""
-    deadline = time.monotonic() + timeout
     selector = f"finetune.dev/job={name}"
-    while cluster.kubectl("-n", namespace, "get", "pods", "-l", selector, "-o", "name", check=False).stdout.strip():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{name}: pods still there {timeout:.0f} s after the job was deleted")
-        time.sleep(1)
+
+    def gone() -> bool:
+        pods = cluster.kubectl("-n", namespace, "get", "pods", "-l", selector, "-o", "name", check=False).stdout
+        return not pods.strip()
+
+    wait_for(gone, timeout=300, what=f"the pods of deleted job {name} to go", interval=1)
 
 
 def main() -> int:
